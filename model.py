@@ -1,0 +1,504 @@
+"""
+A looped ("recurrent-depth") GPT with the Parcae stable injection, in one file.
+
+    tokens -> prelude blocks -> e = norm(prelude output)
+           -> h_0 ~ N(0, σ²)                                   (the recurrent state)
+           -> repeat T times:  h <- core_blocks(Ā ⊙ h + Δ ⊙ (e Bᵀ))   (Parcae injection)
+           -> C h_T -> coda blocks -> norm -> logits (tied with the input embedding)
+
+Ā = exp(-Δ ⊙ exp(A_log)) with Δ = softplus(dt_bias) lies in (0, 1) for every value
+of the parameters, so the linearised loop cannot blow up: that is the whole trick.
+The same class builds the baselines it is compared against: the plain Transformer
+(injection "none"), the naive looped model (h + e) and the Huginn-style
+concatenation adapter (W [h; e]). The spec is PARCAE.md; "official" there is what
+this file computes. Features, each small: RMSNorm, interleaved RoPE, QK-norm,
+ReLU² MLP, value embeddings, zero-init output projections, Muon, per-sequence depth
+sampling with truncated backprop through depth, a KV cache that spans the loops.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    """Learnable RMSNorm, always computed in fp32 (bf16 sums of squares are too coarse)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
+
+
+def rotary_tables(head_dim, max_len, base=50_000.0):
+    """cos and sin of the angle position * base^(-2i/head_dim), shape (max_len, head_dim/2), fp32."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the interleaved pairs of channels (2i, 2i+1) of x (B, L, H, D) by their angle."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)      # even and odd channels
+    cos, sin = cos[:, None, :], sin[:, None, :]                 # broadcast over the heads
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, has_value_embed):
+        super().__init__()
+        d, self.n_head = config.n_embd, config.n_head
+        self.head_dim = d // self.n_head
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, d, bias=False)
+        self.c_v = nn.Linear(d, d, bias=False)
+        self.c_proj = nn.Linear(d, d, bias=False)
+        # value embeddings: a per-head gate decides how much of the token's own
+        # embedding (looked up from a separate table) to mix into v
+        self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
+
+    def forward(self, x, ve, cos, sin, cache=None):
+        B, L, d = x.shape
+        q = self.c_q(x).view(B, L, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, L, self.n_head, self.head_dim)
+        v = self.c_v(x).view(B, L, self.n_head, self.head_dim)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))    # (B, L, n_head), in (0, 2)
+            v = v + gate.unsqueeze(-1) * ve.view_as(v).type_as(v)
+        # RoPE first, then a parameter-free RMS norm of q and k (QK-norm keeps logits tame)
+        q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,), eps=1e-5)
+        k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,), eps=1e-5)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        # the prompt (or a training sequence) attends causally; a single new token
+        # attends to everything already in the cache, so it needs no mask
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=(L > 1))
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(0.5 * F.relu(self.fc(x)).square())       # ReLU², halved
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block; it may own a value-embedding table."""
+
+    def __init__(self, config, has_value_embed):
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, has_value_embed)
+        self.norm_2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+        self.value_embed = nn.Embedding(config.padded_vocab_size, config.n_embd) if has_value_embed else None
+
+    def forward(self, x, idx, cos, sin, cache=None):
+        ve = self.value_embed(idx) if self.value_embed is not None else None
+        x = x + self.attn(self.norm_1(x), ve, cos, sin, cache)
+        return x + self.mlp(self.norm_2(x))
+
+# -----------------------------------------------------------------------------
+# injections: how the input embedding e enters the state h at every iteration
+
+class ParcaeInjection(nn.Module):
+    """
+    u = Ā ⊙ h + Δ ⊙ (e Bᵀ),   Δ = softplus(dt_bias),   Ā = exp(-Δ ⊙ exp(A_log)).
+
+    A = -exp(A_log) is a negative diagonal continuous-time matrix; discretising it with
+    step Δ (zero-order hold) gives Ā = exp(Δ A). Since Δ > 0 and exp(A_log) > 0, the
+    exponent is negative and 0 < Ā < 1 whatever A_log and dt_bias are: the state decays
+    rather than grows, so the loop is stable by construction. B̄ = Δ B is an Euler step.
+    """
+
+    def __init__(self, d):
+        super().__init__()
+        self.A_log = nn.Parameter(torch.zeros(d))
+        # start at Δ = ln √5 so that Ā = exp(-ln √5) = 1/√5 ≈ 0.447 on every channel
+        self.dt_bias = nn.Parameter(torch.full((d,), math.log(math.expm1(math.log(math.sqrt(5))))))
+        self.B = nn.Linear(d, d, bias=False)
+
+    def discretize(self):
+        delta = F.softplus(self.dt_bias)
+        return torch.exp(-delta * torch.exp(self.A_log)), delta      # Ā, Δ
+
+    def forward(self, h, e):
+        A_bar, delta = self.discretize()
+        return A_bar * h + delta * self.B(e)
+
+    def transition_stats(self):
+        A_bar = self.discretize()[0].detach()
+        return {"a_max": A_bar.max(), "a_mean": A_bar.mean()}
+
+
+class LinearInjection(nn.Module):
+    """u = W [h; e] (RDM / Huginn-style adapter): here Ā = W_x is unconstrained."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.W = nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, h, e):
+        return self.W(torch.cat([h.type_as(e), e], dim=-1))
+
+    def transition_stats(self):
+        W_x = self.W.weight.detach()[:, : self.W.out_features].float()
+        return {"a_max": torch.linalg.matrix_norm(W_x, ord=2)}      # top singular value
+
+
+class AddInjection(nn.Module):
+    """u = h + e (naive looping): Ā = I, only marginally stable."""
+
+    def __init__(self, d):
+        super().__init__()
+
+    def forward(self, h, e):
+        return h + e
+
+    def transition_stats(self):
+        return {"a_max": torch.tensor(1.0)}
+
+
+INJECTIONS = {"parcae": ParcaeInjection, "linear": LinearInjection, "add": AddInjection}
+
+# -----------------------------------------------------------------------------
+# the model
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257          # the tokenizer's; the tables are padded to a multiple of 64
+    block_size: int = 1024
+    n_embd: int = 768
+    n_head: int = 6
+    n_prelude: int = 2
+    n_core: int = 2
+    n_coda: int = 2
+    injection: str = "parcae"        # parcae | linear | add | none (plain Transformer, every layer once)
+    prelude_norm: bool = True        # RMSNorm on the prelude output (removes late loss spikes)
+    init_state: str = "normal"       # h_0: normal (truncated, fresh each forward) | zero
+    mean_loops: int = 8              # μ_rec: mean depth in training, default depth at evaluation
+    backprop_loops: int = 4          # μ_bwd: iterations (at most) that carry gradient
+    depth_sampling: str = "per-sequence"   # per-sequence | per-batch | fixed
+
+    def __post_init__(self):
+        choices = {"injection": ("parcae", "linear", "add", "none"), "init_state": ("normal", "zero"),
+                   "depth_sampling": ("per-sequence", "per-batch", "fixed")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
+        if self.mean_loops < 1 or self.backprop_loops < 1:
+            raise ValueError("mean_loops and backprop_loops must be at least 1")
+
+    @property
+    def looped(self):
+        return self.injection != "none"
+
+    @property
+    def padded_vocab_size(self):
+        return math.ceil(self.vocab_size / 64) * 64     # multiples of 64 make faster matmuls
+
+    @property
+    def n_layer(self):
+        return self.n_prelude + self.n_core + self.n_coda
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        # number the unique layers prelude, core, coda; every other one, ending with
+        # the last, owns a value-embedding table (a core layer reuses its table each loop)
+        ve = [i % 2 == (c.n_layer - 1) % 2 for i in range(c.n_layer)]
+        self.wte = nn.Embedding(c.padded_vocab_size, c.n_embd)
+        self.prelude = nn.ModuleList(Block(c, ve[i]) for i in range(c.n_prelude))
+        self.core = nn.ModuleList(Block(c, ve[c.n_prelude + i]) for i in range(c.n_core))
+        self.coda = nn.ModuleList(Block(c, ve[c.n_prelude + c.n_core + i]) for i in range(c.n_coda))
+        if c.looped:
+            self.prelude_norm = RMSNorm(c.n_embd) if c.prelude_norm else nn.Identity()
+            self.injection = INJECTIONS[c.injection](c.n_embd)
+            self.C = nn.Linear(c.n_embd, c.n_embd, bias=False)
+        self.norm_f = RMSNorm(c.n_embd)
+        cos, sin = rotary_tables(c.n_embd // c.n_head, c.block_size)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.state_sigma = math.sqrt(2 / (5 * c.n_embd))
+        self.last_state = {}            # read-outs of the last forward's loop, see stability_stats()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The official "scaled-zero" init: orthogonal matrices at entry RMS σ, out-projections zero."""
+        sigma = self.state_sigma
+
+        def orthogonal(weight, gain=1.0):
+            nn.init.orthogonal_(weight)
+            weight.mul_(gain * sigma * math.sqrt(max(weight.shape)))   # each entry now has RMS gain·σ
+
+        orthogonal(self.wte.weight)     # also the LM head (tied)
+        for block in self.blocks():
+            for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                orthogonal(w.weight, math.sqrt(0.4))
+            orthogonal(block.mlp.fc.weight, math.sqrt(1.6))
+            # zero out-projections: every block starts as the identity on the residual stream
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+            if block.value_embed is not None:
+                nn.init.normal_(block.value_embed.weight)               # N(0, 1)
+                block.attn.ve_gate.reset_parameters()                  # PyTorch's default Linear init
+        if self.config.looped:
+            orthogonal(self.C.weight, math.sqrt(0.4))
+            if isinstance(self.injection, ParcaeInjection):
+                self.injection.B.weight.copy_(torch.eye(self.config.n_embd))   # B = I
+            elif isinstance(self.injection, LinearInjection):
+                nn.init.trunc_normal_(self.injection.W.weight, std=sigma, a=-3 * sigma, b=3 * sigma)
+
+    def blocks(self):
+        return [*self.prelude, *self.core, *self.coda]
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())   # the head is tied, so counted once
+
+    # -------------------------------------------------------------------------
+    # forward
+
+    def sample_depths(self, batch_size):
+        """Training depths T per sequence, sorted from deepest to shallowest (CPU ints)."""
+        c = self.config
+        if c.depth_sampling == "fixed":
+            return torch.full((batch_size,), c.mean_loops)
+        n = batch_size if c.depth_sampling == "per-sequence" else 1
+        T = torch.poisson(torch.full((n,), float(c.mean_loops))).long().clamp(min=1)
+        # Which row gets which depth does not matter (the windows are random), so we sort:
+        # then the sequences still running at any step are a prefix of the batch.
+        return T.sort(descending=True).values.expand(batch_size)
+
+    def forward(self, idx, targets=None, loops=None, depths=None, cache=None):
+        """
+        idx, targets: (B, L) token ids. Depth: `depths` (B,) if given, else `loops` for every
+        sequence, else (training) sampled by `sample_depths`, else (evaluation) mean_loops.
+        Returns (logits, loss); loss is None without targets.
+        """
+        c = self.config
+        B, L = idx.shape
+        pos = cache.start(L) if cache is not None else 0
+        if pos + L > c.block_size:
+            raise ValueError(f"sequence of {pos + L} tokens is longer than block_size={c.block_size}")
+        cos, sin = self.cos[pos:pos + L], self.sin[pos:pos + L]
+
+        x = self.wte(idx)
+        for block in self.prelude:
+            x = block(x, idx, cos, sin, cache)
+        if c.looped:
+            if depths is None and loops is None and self.training:
+                depths = self.sample_depths(B)
+            elif depths is None:
+                depths = torch.full((B,), loops or c.mean_loops)
+            depths = torch.as_tensor(depths).cpu()
+            if depths.min() < 1:
+                raise ValueError(f"every sequence needs at least one loop, got depths {depths.tolist()}")
+            n_grad = c.backprop_loops if self.training else int(depths.max())
+            x = self.C(self.recur(self.prelude_norm(x), idx, depths, n_grad, cos, sin, cache))
+        else:
+            for block in self.core:
+                x = block(x, idx, cos, sin, cache)
+        for block in self.coda:
+            x = block(x, idx, cos, sin, cache)
+        if cache is not None:
+            cache.pos += L
+
+        logits = F.linear(self.norm_f(x), self.wte.weight)     # tied head, logit scale 1
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def recur(self, e, idx, depths, n_grad, cos, sin, cache=None):
+        """
+        Run the core blocks depths[b] times on sequence b, injecting e at every iteration.
+
+        The iterations are right-aligned: all sequences finish on the last step, and a
+        sequence of depth T joins at step T_max - T. Gradient is on only for the last
+        n_grad steps, so each sequence backpropagates through its last min(T, n_grad)
+        iterations (truncated backprop through depth); the earlier ones run under
+        no_grad and keep no activations. e always carries gradient back to the prelude.
+        Sorted by depth, the running sequences are a prefix h[:m], so every step computes
+        only the sequences still running instead of padding them all to the deepest.
+        """
+        depths, order = depths.sort(descending=True, stable=True)
+        permuted = not torch.equal(order, torch.arange(len(order)))
+        h = self.initial_state(e)
+        if permuted:
+            order = order.to(e.device)
+            e, idx, h = e[order], idx[order], h[order]
+        T_max = int(depths[0])
+        norms = []
+        for step in range(T_max):
+            m = int((depths >= T_max - step).sum())     # sequences running at this step
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= T_max - n_grad):
+                h_prev = h
+                u = self.injection(h[:m], e[:m])
+                for block in self.core:
+                    u = block(u, idx[:m], cos, sin, cache)
+                h = u if m == len(h) else torch.cat([u, h[m:]])
+            norms.append(u.detach().float().norm(dim=-1).mean())
+        # cheap stability read-outs, kept as tensors: no host sync until someone logs them
+        residual = (h - h_prev).detach().float().norm(dim=-1).mean() / norms[-1]
+        self.last_state = {"norms": norms, "residual": residual}
+        return h[torch.argsort(order)] if permuted else h
+
+    def initial_state(self, e):
+        if self.config.init_state == "zero":
+            return torch.zeros_like(e)
+        s = self.state_sigma
+        return nn.init.trunc_normal_(torch.empty_like(e), std=s, a=-3 * s, b=3 * s)
+
+    @torch.no_grad()
+    def stability_stats(self):
+        """
+        ‖h‖ after each step of the last forward's loop (mean per-token L2 norm over the
+        sequences running at that step), its last value ‖h_T‖, the last-step residual
+        ‖h_T - h_(T-1)‖ / ‖h_T‖, and max / mean of Ā (for "linear": the top singular value
+        of W_x; for "add": 1). Empty for the plain Transformer.
+        """
+        if not self.config.looped or not self.last_state:
+            return {}
+        norms = [n.item() for n in self.last_state["norms"]]
+        stats = {"state_norm": norms[-1], "state_norms": norms, "residual": self.last_state["residual"].item()}
+        stats.update({k: v.item() for k, v in self.injection.transition_stats().items()})
+        return stats
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None):
+        """
+        Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times
+        (default mean_loops). The KV cache holds one slot per layer application, so each
+        new token costs one pass of one position through prelude, loops × core and coda.
+        """
+        was_training = self.training
+        self.eval()
+        c = self.config
+        loops = loops or c.mean_loops
+        cache = KVCache(c.n_prelude + (loops if c.looped else 1) * c.n_core + c.n_coda, c.block_size)
+        context = idx[:, -c.block_size:]        # the prompt is prefilled in one pass
+        for _ in range(max_new_tokens):
+            if cache.pos + context.size(1) > c.block_size:
+                # the window is full: start again from the last half of the text
+                cache.pos, context = 0, idx[:, -(c.block_size // 2):]
+            logits, _ = self(context, loops=loops, cache=cache)
+            logits = logits[:, -1, :c.vocab_size].float() / max(temperature, 1e-6)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            context = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, context], dim=1)
+        self.train(was_training)
+        return idx
+
+    # -------------------------------------------------------------------------
+    # training helpers
+
+    def configure_optimizers(self, lr, weight_decay, device_type):
+        """Muon for the blocks' 2-D matrices, AdamW for everything else (embeddings, head,
+        value embeddings, norms, the injection's A_log / dt_bias / B / W, and C)."""
+        matrices = {id(m.weight) for b in self.blocks() for m in b.modules() if isinstance(m, nn.Linear)}
+        muon_params = [p for p in self.parameters() if id(p) in matrices]
+        adam_params = [p for p in self.parameters() if id(p) not in matrices]
+        # PyTorch's Muon scales each matrix's lr by sqrt(max(1, rows/cols)), as the recipe says
+        muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95)
+        adamw = torch.optim.AdamW(adam_params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+                                  fused=(device_type == "cuda"))
+        return [muon, adamw]
+
+    def flops_per_token(self, seq_len=None):
+        """
+        Training FLOPs per token (matmuls only): the forward runs the core mean_loops times,
+        but only the last backprop_loops iterations are backpropagated (backward = 2 × forward
+        of what carries gradient). Attention counts the causal half actually computed;
+        the value-embedding lookups cost no matmul FLOPs.
+        """
+        c = self.config
+        L = seq_len or c.block_size
+        block = self.prelude[0] if c.n_prelude else self.core[0]
+        block_params = sum(p.numel() for n, p in block.named_parameters()
+                           if n.endswith("weight") and p.dim() == 2 and "value_embed" not in n)
+        per_block = 2 * block_params + 2 * L * c.n_embd        # matmuls + causal QKᵀ and AV
+        head = 2 * c.n_embd * c.padded_vocab_size
+        if not c.looped:
+            return 3 * (c.n_layer * per_block + head)
+        inj = {"parcae": 2 * c.n_embd ** 2, "linear": 4 * c.n_embd ** 2, "add": 0}[c.injection]
+        once = (c.n_prelude + c.n_coda) * per_block + 2 * c.n_embd ** 2 + head    # prelude, coda, C, head
+        loop = c.n_core * per_block + inj
+        return (once + c.mean_loops * loop) + 2 * (once + min(c.backprop_loops, c.mean_loops) * loop)
+
+    def estimate_mfu(self, tokens_per_sec, device=None):
+        """Model FLOPs utilisation against the GPU's peak dense bf16 rate; None if unknown."""
+        peak = peak_flops(device)
+        return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
+
+
+# dense bf16 peak rates (no sparsity) from the vendors' datasheets
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2250e12,
+                   "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device=None):
+    if not torch.cuda.is_available() or torch.device(device or "cuda").type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((rate for gpu, rate in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
+class KVCache:
+    """
+    Keys and values of every layer application, one slot each: prelude layer i, core
+    layer j at iteration r, coda layer i. A forward hands the slots out in the order its
+    layers run, so the model needs no bookkeeping; memory grows linearly with the loops.
+    Takes a prompt at position 0, then one token at a time.
+    """
+
+    def __init__(self, n_slots, max_len):
+        self.n_slots, self.max_len, self.k, self.v = n_slots, max_len, None, None
+        self.pos = 0            # positions already cached
+        self.slot = 0           # next layer application
+
+    def start(self, L):
+        if self.pos > 0 and L > 1:
+            raise ValueError("the KV cache takes a prompt at position 0, then one token at a time")
+        self.slot = 0
+        return self.pos
+
+    def update(self, k, v):
+        """Store k, v (B, H, L, D) in the next slot; return that slot's keys and values so far."""
+        if self.k is None:      # allocate for the whole window on first use, in the dtypes of k, v
+            B, H, _, D = k.shape
+            self.k = k.new_empty(self.n_slots, B, H, self.max_len, D)
+            self.v = v.new_empty(self.n_slots, B, H, self.max_len, D)
+        end = self.pos + k.size(2)
+        self.k[self.slot, :, :, self.pos:end] = k
+        self.v[self.slot, :, :, self.pos:end] = v
+        k, v = self.k[self.slot, :, :, :end], self.v[self.slot, :, :, :end]
+        self.slot += 1
+        return k, v
