@@ -17,7 +17,7 @@ sampling with truncated backprop through depth, a KV cache that spans the loops.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -133,6 +133,8 @@ class ParcaeInjection(nn.Module):
         # start at Δ = ln √5 so that Ā = exp(-ln √5) = 1/√5 ≈ 0.447 on every channel
         self.dt_bias = nn.Parameter(torch.full((d,), math.log(math.expm1(math.log(math.sqrt(5))))))
         self.B = nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.B.weight.copy_(torch.eye(d))       # B = I: e enters every channel as is
 
     def discretize(self):
         delta = F.softplus(self.dt_bias)
@@ -153,6 +155,8 @@ class LinearInjection(nn.Module):
     def __init__(self, d):
         super().__init__()
         self.W = nn.Linear(2 * d, d, bias=False)
+        sigma = math.sqrt(2 / (5 * d))
+        nn.init.trunc_normal_(self.W.weight, std=sigma, a=-3 * sigma, b=3 * sigma)
 
     def forward(self, h, e):
         return self.W(torch.cat([h.type_as(e), e], dim=-1))
@@ -265,11 +269,7 @@ class GPT(nn.Module):
                 nn.init.normal_(block.value_embed.weight)               # N(0, 1)
                 block.attn.ve_gate.reset_parameters()                  # PyTorch's default Linear init
         if self.config.looped:
-            orthogonal(self.C.weight, math.sqrt(0.4))
-            if isinstance(self.injection, ParcaeInjection):
-                self.injection.B.weight.copy_(torch.eye(self.config.n_embd))   # B = I
-            elif isinstance(self.injection, LinearInjection):
-                nn.init.trunc_normal_(self.injection.W.weight, std=sigma, a=-3 * sigma, b=3 * sigma)
+            orthogonal(self.C.weight, math.sqrt(0.4))   # the injections initialise themselves
 
     def blocks(self):
         return [*self.prelude, *self.core, *self.coda]
@@ -328,7 +328,7 @@ class GPT(nn.Module):
         logits = F.linear(self.norm_f(x), self.wte.weight)     # tied head, logit scale 1
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def recur(self, e, idx, depths, n_grad, cos, sin, cache=None):

@@ -1,0 +1,358 @@
+"""
+Turn a text corpus into the token files that train.py reads.
+
+    python prepare.py                                   # stdlib, char tokenizer -> data/stdlib
+    python prepare.py --source shakespeare              # gpt2 tokenizer -> data/shakespeare
+    python prepare.py --source fineweb-edu --num_shards 2
+    python prepare.py --input notes/ book.txt --tokenizer char
+
+It writes data/<name>/train.bin and val.bin (flat uint16 token ids, one
+end-of-text token after each document) and data/<name>/meta.json, which says
+how to decode them: tokenizer ("char" or "gpt2"), vocab_size, eot_token,
+train_tokens, val_tokens, train_docs, val_docs, source (a description) and, for
+char, chars: the vocabulary as one string, where a character's id is its
+position and the end-of-text id is len(chars). load_tokenizer(meta) gives
+encode/decode for either. <name> defaults to the source name
+("text" for --input), with "-<tokenizer>" appended when the tokenizer is not
+that source's default, so different tokenizations never overwrite each other.
+
+Sources and how each is split into train/val:
+  stdlib       (default, no download) the top-level *.py files of this Python's
+               standard library (sysconfig.get_paths()["stdlib"], no subfolders),
+               sorted by file name, one document per file. Documents 0, 10, 20, ...
+               go to val (~14%, ~660 KB on Python 3.11). Default tokenizer: char.
+  shakespeare  Tiny Shakespeare (one 1 MB file, downloaded once and kept in
+               data/<name>/input.txt). The last 10% (cut at a line start) is val.
+  fineweb-edu  --num_shards parquet files of FineWeb-Edu's sample/10BT, from
+               --url. Shards are downloaded and tokenized (in parallel) once,
+               kept in data/<name>/shards/, and skipped on a re-run. Val is the
+               first 1% of the first shard's documents, so it stays the same
+               whatever --num_shards is.
+  --input      local text files or folders (searched recursively, sorted, hidden
+               names skipped; binary or non-UTF-8 files are skipped and counted).
+               One file = one document, split like stdlib; a single document is
+               split 90/10 like shakespeare.
+The default tokenizer is gpt2 for everything but stdlib; --tokenizer overrides it.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import sysconfig
+import urllib.error
+import urllib.request
+from multiprocessing import Pool
+
+import numpy as np
+from tqdm import tqdm
+
+EOT_TEXT = "<|endoftext|>"  # how both tokenizers write the end-of-text token as text
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+FINEWEB_URL = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/"
+SOURCES = ("stdlib", "shakespeare", "fineweb-edu")
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+def get_gpt2():
+    """tiktoken's GPT-2 encoding. Its BPE files are downloaded on first use, so say what to do offline."""
+    import tiktoken  # imported here so that char-only users never need it
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError) as e:  # requests' errors are OSErrors; ValueError = bad hash
+        raise SystemExit(f"could not load the GPT-2 tokenizer files ({type(e).__name__}): connect to the internet "
+                         "once so tiktoken can cache them, or set TIKTOKEN_CACHE_DIR to a folder that holds them")
+
+
+def load_tokenizer(meta):
+    """(encode, decode) for a meta.json dict. Both tokenizers render the end-of-text token as
+    EOT_TEXT and encode EOT_TEXT back to it, so decode(encode(s)) == s."""
+    if meta["tokenizer"] == "gpt2":
+        enc = get_gpt2()
+        return (lambda s: enc.encode(s, allowed_special={EOT_TEXT})), enc.decode
+    chars, eot = meta["chars"], meta["eot_token"]
+    encode_text, itos = char_encoder(chars), list(chars) + [EOT_TEXT]
+
+    def encode(s):
+        ids = []
+        for i, part in enumerate(s.split(EOT_TEXT)):
+            ids += ([eot] if i else []) + encode_text(part)
+        return ids
+    return encode, lambda ids: "".join(itos[i] for i in ids)
+
+
+def char_encoder(chars):
+    """text -> the positions of its characters in chars (no special tokens)."""
+    stoi = {c: i for i, c in enumerate(chars)}
+
+    def encode(text):
+        try:
+            return [stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this char tokenizer's vocabulary") from None
+    return encode
+
+
+# -----------------------------------------------------------------------------
+# sources: each returns (train documents, val documents, description)
+
+
+def download(url, path, hint):
+    """Fetch url to path unless path exists. The download goes to a .part file that is renamed
+    only when complete, so an interrupted run never leaves a truncated file that looks finished."""
+    if os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            size = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {os.path.basename(path)}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:  # URLError, HTTPError, refused connection, no DNS, timeout are all OSErrors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        why = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise SystemExit(f"prepare.py: could not download {url} ({why}); {hint}")
+    os.replace(tmp, path)
+
+
+def split_every_10th(docs):
+    return [d for i, d in enumerate(docs) if i % 10], docs[::10]
+
+
+def split_90_10(text):
+    """One long text -> ([first 90%], [last 10%]), cut at the start of a line when there is one."""
+    k = len(text) * 9 // 10
+    nl = text.rfind("\n", 0, k)
+    cut = nl + 1 if nl >= 0 else k
+    return [text[:cut]], [text[cut:]]
+
+
+def stdlib_docs():
+    root = sysconfig.get_paths()["stdlib"]
+    names = sorted(n for n in os.listdir(root) if n.endswith(".py") and os.path.isfile(os.path.join(root, n)))
+    docs = []
+    for n in names:
+        with open(os.path.join(root, n), encoding="utf-8") as f:  # PEP 3120: stdlib source is UTF-8
+            docs.append(f.read())
+    desc = f"Python {platform.python_version()} standard library: {len(docs)} top-level .py files of {root}"
+    return *split_every_10th(docs), desc
+
+
+def shakespeare_docs(folder, url):
+    path = os.path.join(folder, "input.txt")
+    download(url, path, "connect to the internet, or pass --input with a local copy of Tiny Shakespeare's input.txt")
+    with open(path, encoding="utf-8") as f:
+        return *split_90_10(f.read()), f"Tiny Shakespeare from {url}"
+
+
+def text_docs(inputs):
+    files = []
+    for p in inputs:
+        if os.path.isfile(p):
+            files.append(p)
+        elif os.path.isdir(p):
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips .git and friends
+                files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
+        else:
+            raise SystemExit(f"prepare.py: {p} is not a file or folder; check the --input path")
+    docs, skipped = [], 0
+    for path in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            if not data or b"\0" in data:  # a NUL byte: almost surely binary, even if it decodes
+                raise ValueError
+            docs.append(data.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError is a ValueError
+            skipped += 1
+    if skipped:
+        print(f"skipped {skipped} empty, binary or non-UTF-8 file(s)")
+    if not docs:
+        raise SystemExit(f"prepare.py: no text files in {' '.join(inputs)} ({skipped} skipped as empty, "
+                         "binary or non-UTF-8); pass UTF-8 text files or folders that contain some")
+    split = split_90_10(docs[0]) if len(docs) == 1 else split_every_10th(docs)
+    return *split, f"{len(docs)} local text file(s) from {', '.join(inputs)}"
+
+
+# -----------------------------------------------------------------------------
+# fineweb-edu: too big for memory, so it streams through per-shard token files
+
+
+def _gpt2_batch(texts):
+    """Pool worker: a batch of documents -> one uint16 array, EOT after each."""
+    enc = get_gpt2()  # tiktoken caches it, so this is cheap after the first call in each worker
+    ids = []
+    for t in texts:
+        ids.extend(enc.encode_ordinary(t))  # ordinary: a literal "<|endoftext|>" in the text stays text
+        ids.append(enc.eot_token)
+    return len(texts), np.array(ids, dtype=np.uint16)
+
+
+def tokenize_parquet(src, dst, num_proc):
+    try:
+        import pyarrow.parquet as pq  # only this source reads parquet
+    except ImportError:
+        raise SystemExit("prepare.py: the fineweb-edu source needs pyarrow to read parquet files: pip install pyarrow")
+    try:
+        pf = pq.ParquetFile(src)
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        pf = None
+    if pf is None or "text" not in pf.schema_arrow.names:
+        raise SystemExit(f"prepare.py: {src} is not a parquet file with a 'text' column; check --url, "
+                         "delete the file and run again")
+    tmp = dst + ".tmp"
+    with Pool(num_proc) as pool, open(tmp, "wb") as f, \
+            tqdm(total=pf.metadata.num_rows, unit="docs", desc=f"tokenize {os.path.basename(src)}") as bar:
+        # a few thousand documents at a time: Pool.imap would read the whole shard into memory
+        for batch in pf.iter_batches(batch_size=8192, columns=["text"]):
+            texts = [t or "" for t in batch.column("text").to_pylist()]
+            for n, ids in pool.imap(_gpt2_batch, [texts[i:i + 256] for i in range(0, len(texts), 256)]):
+                ids.tofile(f)
+                bar.update(n)
+    os.replace(tmp, dst)
+
+
+def doc_ends(path, eot):
+    """Token offsets just past each end-of-text token in a uint16 file, read in chunks."""
+    ends, offset = [np.zeros(0, dtype=np.int64)], 0
+    with open(path, "rb") as f:
+        while (chunk := np.fromfile(f, dtype=np.uint16, count=1 << 24)).size:
+            ends.append(np.flatnonzero(chunk == eot) + offset + 1)
+            offset += chunk.size
+    return np.concatenate(ends)
+
+
+def prepare_fineweb(folder, url, num_shards, num_proc):
+    """Download and tokenize the shards not done yet, then write train.bin/val.bin from them."""
+    eot = get_gpt2().eot_token  # fail early, before any download, if the tokenizer is missing
+    shards = []
+    for i in range(num_shards):
+        name = f"{i:03d}_00000"
+        parquet, tokens = (os.path.join(folder, "shards", name + ext) for ext in (".parquet", ".bin"))
+        if not os.path.exists(tokens):  # tokenized already: neither download nor parquet needed
+            download(url.rstrip("/") + f"/{name}.parquet", parquet,
+                     "check your connection, --url, and that --num_shards is not more than there are")
+            tokenize_parquet(parquet, tokens, num_proc)
+        shards.append(tokens)
+    ends = [doc_ends(p, eot) for p in shards]
+    if len(ends[0]) < 2:
+        raise SystemExit(f"prepare.py: {shards[0]} holds {len(ends[0])} document(s); need at least 2 to split off val")
+    n_val = max(1, len(ends[0]) // 100)
+    cut = int(ends[0][n_val - 1])  # token offset where shard 0's first train document starts
+
+    def write_val(f):
+        with open(shards[0], "rb") as s:
+            np.fromfile(s, dtype=np.uint16, count=cut).tofile(f)
+
+    def write_train(f):
+        for i, p in enumerate(shards):
+            with open(p, "rb") as s:
+                s.seek(2 * cut if i == 0 else 0)
+                shutil.copyfileobj(s, f)
+    atomic_write(os.path.join(folder, "val.bin"), write_val)
+    atomic_write(os.path.join(folder, "train.bin"), write_train)
+    tokens, docs = sum(os.path.getsize(p) // 2 for p in shards), sum(len(e) for e in ends)
+    return dict(vocab_size=get_gpt2().n_vocab, eot_token=eot, train_tokens=tokens - cut, train_docs=docs - n_val,
+                val_tokens=cut, val_docs=n_val)
+
+
+# -----------------------------------------------------------------------------
+
+
+def atomic_write(path, fill):
+    """Write via a temp file and os.replace, so a reader (or a crash) never sees a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        fill(f)
+    os.replace(tmp, path)
+
+
+def write_docs(folder, train_docs, val_docs, tokenizer):
+    """Tokenize documents held in memory into train.bin/val.bin; return meta.json's numbers."""
+    if tokenizer == "char":
+        chars = "".join(sorted(set().union(*train_docs, *val_docs)))
+        stats = dict(vocab_size=len(chars) + 1, eot_token=len(chars))
+        encode_all = lambda docs: list(map(char_encoder(chars), docs))
+    else:
+        enc = get_gpt2()
+        stats = dict(vocab_size=enc.n_vocab, eot_token=enc.eot_token)
+        encode_all = enc.encode_ordinary_batch  # ordinary: a literal "<|endoftext|>" in the text stays text
+    if stats["vocab_size"] > 1 << 16:
+        raise SystemExit(f"prepare.py: a vocabulary of {stats['vocab_size']} does not fit the uint16 token "
+                         "files (at most 65536); use --tokenizer gpt2, or text with fewer distinct characters")
+    os.makedirs(folder, exist_ok=True)
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids = []
+        for d in encode_all(docs):
+            ids += d
+            ids.append(stats["eot_token"])
+        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
+        stats.update({f"{split}_tokens": len(ids), f"{split}_docs": len(docs)})
+    if tokenizer == "char":
+        stats["chars"] = chars  # last, as it is by far the longest field
+    return stats
+
+
+def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
+            url=None, num_shards=1, num_proc=None):
+    """Prepare one corpus (see the module docstring) and return the folder it was written to."""
+    if source and inputs:
+        raise SystemExit("prepare.py: give either --source or --input, not both")
+    source = "text" if inputs else (source or "stdlib")
+    if source not in SOURCES + ("text",):
+        raise SystemExit(f"prepare.py: unknown source {source!r}; "
+                         f"choose one of {', '.join(SOURCES)}, or pass --input FILES")
+    default_tokenizer = "char" if source == "stdlib" else "gpt2"
+    tokenizer = tokenizer or default_tokenizer
+    if tokenizer not in ("char", "gpt2"):
+        raise SystemExit(f"prepare.py: unknown tokenizer {tokenizer!r}; choose char or gpt2")
+    if source == "fineweb-edu" and tokenizer == "char":
+        raise SystemExit("prepare.py: fineweb-edu is gpt2 only: its web text has thousands of distinct "
+                         "characters, which make a poor (and possibly > 65536 entry) char vocabulary")
+    if num_shards < 1:
+        raise SystemExit("prepare.py: --num_shards must be at least 1")
+    folder = os.path.join(out_dir, name or (source if tokenizer == default_tokenizer else f"{source}-{tokenizer}"))
+
+    if source == "fineweb-edu":  # too big for memory: streamed through per-shard token files
+        url = url or FINEWEB_URL
+        desc = f"FineWeb-Edu sample/10BT, {num_shards} shard(s) from {url}; val = first 1% of shard 0's documents"
+        stats = prepare_fineweb(folder, url, num_shards, num_proc or os.cpu_count())
+    else:
+        if source == "stdlib":
+            train_docs, val_docs, desc = stdlib_docs()
+        elif source == "shakespeare":
+            train_docs, val_docs, desc = shakespeare_docs(folder, url or SHAKESPEARE_URL)
+        else:
+            train_docs, val_docs, desc = text_docs(inputs)
+        stats = write_docs(folder, train_docs, val_docs, tokenizer)
+    meta = {"tokenizer": tokenizer, "source": desc, **stats}
+    # meta.json goes last: it is what says the folder is complete
+    atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    print(f"{folder}: {tokenizer} tokenizer, vocab {meta['vocab_size']:,}; train {meta['train_tokens']:,} tokens "
+          f"({meta['train_docs']:,} docs), val {meta['val_tokens']:,} tokens ({meta['val_docs']:,} docs)")
+    return folder
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help=f"one of {', '.join(SOURCES)} (default: stdlib)")
+    p.add_argument("--input", nargs="+", metavar="PATH", help="local text files or folders instead of a source")
+    p.add_argument("--tokenizer", choices=("char", "gpt2"), help="default: char for stdlib, gpt2 otherwise")
+    p.add_argument("--name", help="output folder name (default: the source name)")
+    p.add_argument("--out_dir", default="data")
+    p.add_argument("--url", help="shakespeare: the file to download; fineweb-edu: the folder holding the shards")
+    p.add_argument("--num_shards", type=int, default=1, help="fineweb-edu: how many parquet shards")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="fineweb-edu: tokenizer processes")
+    a = p.parse_args(argv)
+    prepare(a.source, a.input, a.tokenizer, a.name, a.out_dir, a.url, a.num_shards, a.num_proc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Behaviour of model.py: the Parcae injection, the loop, the cache, the init and the bookkeeping."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, ParcaeInjection
+
+INJECTIONS = ["parcae", "linear", "add", "none"]
+
+
+def tiny(injection="parcae", **kw):
+    """A small model in fp32 whose weights are all random, so no block starts as the identity."""
+    kw = {"vocab_size": 97, "block_size": 64, "n_embd": 32, "n_head": 2, "n_prelude": 1, "n_core": 2,
+          "n_coda": 1, "mean_loops": 4, "backprop_loops": 2, "injection": injection, **kw}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "value_embed" not in name and "wte" not in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tokens(B=3, L=12, vocab=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, L + 1), generator=g)
+
+
+def count_core_calls(model):
+    """Record the batch size of every call of the first core block (one call = one iteration)."""
+    calls = []
+    model.core[0].register_forward_hook(lambda mod, args, out: calls.append((args[0].size(0), torch.is_grad_enabled())))
+    return calls
+
+# -----------------------------------------------------------------------------
+# the Parcae injection
+
+
+def test_A_bar_stays_in_open_unit_interval_for_any_parameter_values():
+    inj = ParcaeInjection(4096).double()
+    with torch.no_grad():
+        # a grid from tiny to huge decay rates, plus random draws: every value stays in (0, 1)
+        a_log, dt = torch.meshgrid(torch.linspace(-12, 4, 64), torch.linspace(-12, 4, 64), indexing="ij")
+        inj.A_log.copy_(a_log.flatten())
+        inj.dt_bias.copy_(dt.flatten())
+        A_bar, delta = inj.discretize()
+        assert (A_bar > 0).all() and (A_bar < 1).all() and (delta > 0).all()
+        inj.A_log.uniform_(-12, 4)
+        inj.dt_bias.uniform_(-12, 4)
+        A_bar, _ = inj.discretize()
+        assert (A_bar > 0).all() and (A_bar < 1).all()
+    # in fp32, far-out values saturate at exactly 0 or 1 but never leave [0, 1] or turn NaN,
+    # so the injected state can shrink but never grow
+    a_log, dt = torch.meshgrid(torch.tensor([-1e4, -100.0, 0.0, 80.0]), torch.tensor([-80.0, 0.0, 100.0, 1e4]),
+                               indexing="ij")
+    inj = ParcaeInjection(16)
+    with torch.no_grad():
+        inj.A_log.copy_(a_log.flatten())
+        inj.dt_bias.copy_(dt.flatten())
+        A_bar, _ = inj.discretize()
+    assert torch.isfinite(A_bar).all() and (A_bar >= 0).all() and (A_bar <= 1).all()
+
+
+def test_parcae_starts_at_A_bar_one_over_sqrt5_and_B_identity():
+    model = GPT(GPTConfig(vocab_size=97, n_embd=32, n_head=2, block_size=16))
+    A_bar, delta = model.injection.discretize()
+    assert torch.allclose(A_bar, torch.full_like(A_bar, 1 / math.sqrt(5)), atol=1e-6)
+    assert torch.allclose(delta, torch.full_like(delta, math.log(math.sqrt(5))), atol=1e-6)
+    assert torch.equal(model.injection.A_log, torch.zeros(32))
+    assert torch.equal(model.injection.B.weight, torch.eye(32))
+
+
+def test_official_init_zero_out_projections_and_scaled_orthogonal_matrices():
+    model = GPT(GPTConfig(vocab_size=97, n_embd=64, n_head=2, block_size=16))
+    sigma = math.sqrt(2 / (5 * 64))
+    rms = lambda w: w.pow(2).mean().sqrt().item()
+    for block in model.blocks():
+        assert block.attn.c_proj.weight.abs().max() == 0 and block.mlp.proj.weight.abs().max() == 0
+        assert rms(block.attn.c_q.weight) == pytest.approx(math.sqrt(0.4) * sigma, rel=1e-4)
+        assert rms(block.mlp.fc.weight) == pytest.approx(math.sqrt(1.6) * sigma, rel=1e-4)
+        q = block.attn.c_q.weight / (math.sqrt(0.4) * sigma * 8)    # orthogonal once rescaled
+        assert torch.allclose(q @ q.T, torch.eye(64), atol=1e-4)
+    assert rms(model.wte.weight) == pytest.approx(sigma, rel=1e-4)
+    assert rms(model.C.weight) == pytest.approx(math.sqrt(0.4) * sigma, rel=1e-4)
+    # value embeddings on every other layer, ending with the last (layers 0..5: 1, 3, 5)
+    assert [b.value_embed is not None for b in model.blocks()] == [False, True, False, True, False, True]
+    assert model.wte.weight.size(0) == 128          # 97 padded to a multiple of 64
+
+
+def test_parameter_counts_match_the_paper_table():
+    expected = {("parcae", 768, 6, 2): 144.3e6, ("none", 768, 6, 2): 143.1e6,
+                ("parcae", 1024, 8, 4): 388.0e6, ("none", 1024, 8, 4): 385.9e6}
+    for (injection, d, heads, n), count in expected.items():
+        with torch.device("meta"):          # shapes only: no memory, no init time
+            model = GPT(GPTConfig(vocab_size=32768, block_size=2048, n_embd=d, n_head=heads,
+                                  n_prelude=n, n_core=n, n_coda=n, injection=injection))
+        assert model.num_params() == pytest.approx(count, rel=0.005), (injection, d)
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+@pytest.mark.parametrize("loops", [1, 3, 7])
+def test_core_runs_exactly_loops_times(loops):
+    model = tiny().eval()
+    calls = count_core_calls(model)
+    model(tokens()[:, :-1], loops=loops)
+    assert [b for b, _ in calls] == [3] * loops
+
+
+def test_per_sequence_sampling_gives_each_sequence_its_own_depth():
+    model = tiny(mean_loops=5).train()
+    calls = count_core_calls(model)
+    torch.manual_seed(3)
+    depths = model.sample_depths(64)
+    assert len(set(depths.tolist())) > 3 and depths.min() >= 1           # many different depths
+    assert abs(depths.float().mean().item() - 5) < 1.0
+    torch.manual_seed(3)
+    x = tokens(B=64)
+    model(x[:, :-1], x[:, 1:])
+    # one call per step of the deepest sequence; each sequence is computed exactly T times
+    assert len(calls) == depths.max()
+    assert sum(b for b, _ in calls) == depths.sum()
+    per_batch = tiny(depth_sampling="per-batch").sample_depths(16)
+    assert len(set(per_batch.tolist())) == 1
+
+
+def test_gradient_flows_through_only_the_last_k_iterations_of_each_sequence():
+    model = tiny(backprop_loops=2).train()
+    depths = torch.tensor([6, 1, 3, 2, 5])
+    forward, backward = [], []
+    model.core[0].register_forward_hook(lambda m, a, o: forward.append((a[0].size(0), torch.is_grad_enabled())))
+    model.core[0].register_full_backward_hook(lambda m, gi, go: backward.append(go[0].size(0)))
+    x = tokens(B=5)
+    _, loss = model(x[:, :-1], x[:, 1:], depths=depths)
+    loss.backward()
+    # steps run 6 of them; only the last 2 record a graph
+    assert [g for _, g in forward] == [False] * 4 + [True] * 2
+    # each sequence is backpropagated through min(T, 2) iterations: 2 + 1 + 2 + 2 + 2
+    assert sum(backward) == int(depths.clamp(max=2).sum())
+    # and the prelude still gets gradient through e
+    assert model.prelude[0].attn.c_q.weight.grad.abs().sum() > 0
+
+
+def masked_reference(model, idx, targets, depths, n_grad):
+    """The release's loop: every sequence is carried through max(n) no-grad and then max(k)
+    grad iterations over the whole batch, and finished sequences are frozen with a mask."""
+    L = idx.size(1)
+    cos, sin = model.cos[:L], model.sin[:L]
+    x = model.wte(idx)
+    for block in model.prelude:
+        x = block(x, idx, cos, sin)
+    e = model.prelude_norm(x)
+    h = model.initial_state(e)
+    k = depths.clamp(max=n_grad)
+    n = depths - k
+
+    def iterate(h):
+        u = model.injection(h, e)
+        for block in model.core:
+            u = block(u, idx, cos, sin)
+        return u
+
+    with torch.no_grad():
+        for i in range(int(n.max())):
+            h = torch.where((i < n).view(-1, 1, 1), iterate(h), h)
+    for j in range(int(k.max())):
+        h = torch.where((j < k).view(-1, 1, 1), iterate(h), h)
+    x = model.C(h)
+    for block in model.coda:
+        x = block(x, idx, cos, sin)
+    logits = F.linear(model.norm_f(x), model.wte.weight)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("injection", ["parcae", "linear", "add"])
+def test_active_sequences_loop_equals_masked_reference(injection):
+    model = tiny(injection, backprop_loops=3).train()
+    depths = torch.tensor([2, 7, 1, 4, 7, 3])     # deliberately unsorted
+    x = tokens(B=6)
+    grads = []
+    for run in (lambda: model(x[:, :-1], x[:, 1:], depths=depths)[1],
+                lambda: masked_reference(model, x[:, :-1], x[:, 1:], depths, 3)):
+        model.zero_grad()
+        torch.manual_seed(5)            # the same initial state h_0 for both
+        loss = run()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    assert grad_a.keys() == grad_b.keys() and len(grad_a) == len(list(model.parameters()))
+    for name in grad_a:
+        assert torch.allclose(grad_a[name], grad_b[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_no_grad_iterations_keep_no_activations():
+    """Training memory depends on backprop_loops, not on how many iterations run before."""
+    saved = {}
+    for mean_loops in (2, 8, 32):
+        model = tiny(mean_loops=mean_loops, backprop_loops=2, depth_sampling="fixed").train()
+        x = tokens(B=2)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x[:, :-1], x[:, 1:])
+        saved[mean_loops] = total[0]
+    assert saved[2] == saved[8] == saved[32]
+
+
+def test_evaluation_depth_defaults_to_mean_loops_and_is_deterministic_with_zero_state():
+    model = tiny(init_state="zero").eval()
+    calls = count_core_calls(model)
+    x = tokens()[:, :-1]
+    a, _ = model(x)
+    b, _ = model(x, loops=4)
+    assert len(calls) == 8 and torch.equal(a, b)
+    assert not torch.equal(a, model(x, loops=5)[0])
+
+
+def test_stability_stats_report_state_norm_residual_and_A_bar():
+    model = tiny().eval()
+    model(tokens()[:, :-1], loops=5)
+    stats = model.stability_stats()
+    assert len(stats["state_norms"]) == 5 and stats["state_norm"] == stats["state_norms"][-1] > 0
+    assert 0 < stats["residual"] < 10
+    assert 0 < stats["a_mean"] <= stats["a_max"] + 1e-6 and stats["a_max"] < 1
+    linear = tiny("linear").eval()
+    linear(tokens()[:, :-1], loops=2)
+    W_x = linear.injection.W.weight[:, :32]
+    assert linear.stability_stats()["a_max"] == pytest.approx(torch.linalg.svdvals(W_x)[0].item(), rel=1e-5)
+    assert tiny("none").stability_stats() == {}
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("loops", [1, 3, 16])
+def test_kv_cache_gives_the_same_logits_as_a_full_forward(injection, loops):
+    model = tiny(injection, init_state="zero").eval()
+    x = tokens(B=2, L=10)[:, :-1]
+    with torch.no_grad():
+        full, _ = model(x, loops=loops)
+        from model import KVCache
+        c = model.config
+        cache = KVCache(c.n_prelude + (loops if c.looped else 1) * c.n_core + c.n_coda, c.block_size)
+        prefill, _ = model(x[:, :6], loops=loops, cache=cache)
+        steps = [model(x[:, i:i + 1], loops=loops, cache=cache)[0] for i in range(6, 10)]
+    cached = torch.cat([prefill, *steps], dim=1)
+    assert torch.allclose(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("injection", ["parcae", "none"])
+def test_greedy_generation_matches_argmax_of_full_forwards_even_past_the_window(injection):
+    model = tiny(injection, init_state="zero", block_size=16).eval()
+    prompt = tokens(B=2, L=5)[:, :-1]
+    out = model.generate(prompt, max_new_tokens=20, loops=3, top_k=1)
+    assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt)
+    # replay: once the window of 16 is full, generation restarts from the last 8 tokens
+    idx, start = prompt, 0
+    with torch.no_grad():
+        for _ in range(20):
+            if idx.size(1) - start > 16:
+                start = idx.size(1) - 8
+            logits, _ = model(idx[:, start:], loops=3)
+            idx = torch.cat([idx, logits[:, -1, :97].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, idx)
+
+
+def test_generated_tokens_stay_inside_the_real_vocabulary():
+    model = tiny().eval()
+    out = model.generate(tokens(B=4, L=3)[:, :-1], max_new_tokens=30, temperature=2.0)
+    assert out.max() < 97
+
+# -----------------------------------------------------------------------------
+# training helpers
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_every_variant_trains_a_step(injection):
+    model = tiny(injection).train()
+    optimizers = model.configure_optimizers(lr=1e-2, weight_decay=0.2, device_type="cpu")
+    x = tokens(B=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    assert torch.isfinite(loss)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
+    assert len(changed) == len(before)          # every parameter received a gradient and moved
+
+
+def test_optimizer_groups_muon_for_block_matrices_adamw_for_the_rest():
+    model = tiny()
+    muon, adamw = model.configure_optimizers(lr=8e-3, weight_decay=0.2, device_type="cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    adam_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert muon_names | adam_names == set(names.values()) and not muon_names & adam_names
+    assert all(n.split(".")[-2] in {"c_q", "c_k", "c_v", "c_proj", "fc", "proj", "ve_gate"} for n in muon_names)
+    for n in ("wte.weight", "injection.A_log", "injection.dt_bias", "injection.B.weight", "C.weight",
+              "core.0.value_embed.weight", "norm_f.weight"):
+        assert n in adam_names
+    assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.defaults["weight_decay"] == 0
+
+
+def test_flops_count_forward_over_mean_loops_and_backward_over_backprop_loops():
+    d, L, V = 32, 64, 128
+    per_block = 2 * 12 * d * d + 2 * L * d
+    head = 2 * d * V
+    gpt = tiny("none")
+    assert gpt.flops_per_token() == 3 * (4 * per_block + head)
+    parcae = tiny("parcae", mean_loops=8, backprop_loops=3)
+    once = 2 * per_block + 2 * d * d + head                     # prelude + coda, C, head
+    loop = 2 * per_block + 2 * d * d                            # two core blocks + B
+    assert parcae.flops_per_token() == once + 8 * loop + 2 * (once + 3 * loop)
+    assert tiny("parcae").estimate_mfu(1e6) is None             # no GPU: no peak to compare with
+
+
+def test_bad_config_values_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="parcae, linear, add, none"):
+        GPTConfig(injection="parcea")
+    with pytest.raises(ValueError, match="heads"):
+        GPTConfig(n_embd=30, n_head=4)
