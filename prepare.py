@@ -25,7 +25,8 @@ Sources and how each is split into train/val:
                data/<name>/input.txt). The last 10% (cut at a line start) is val.
   fineweb-edu  --num_shards parquet files of FineWeb-Edu's sample/10BT, from
                --url. Shards are downloaded and tokenized (in parallel) once,
-               kept in data/<name>/shards/, and skipped on a re-run. Val is the
+               kept in data/<name>/shards/, and skipped on a re-run (whatever
+               --url says: delete that folder to start afresh). Val is the
                first 1% of the first shard's documents, so it stays the same
                whatever --num_shards is.
   --input      local text files or folders (searched recursively, sorted, hidden
