@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from model import GPT, GPTConfig, ParcaeInjection
+from bench.throughput import MaskedLoopGPT
+from model import GPT, GPTConfig, KVCache, ParcaeInjection
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
 
@@ -145,54 +145,25 @@ def test_gradient_flows_through_only_the_last_k_iterations_of_each_sequence():
     assert model.prelude[0].attn.c_q.weight.grad.abs().sum() > 0
 
 
-def masked_reference(model, idx, targets, depths, n_grad):
-    """The release's loop: every sequence is carried through max(n) no-grad and then max(k)
-    grad iterations over the whole batch, and finished sequences are frozen with a mask."""
-    L = idx.size(1)
-    cos, sin = model.cos[:L], model.sin[:L]
-    x = model.wte(idx)
-    for block in model.prelude:
-        x = block(x, idx, cos, sin)
-    e = model.prelude_norm(x)
-    h = model.initial_state(e)
-    k = depths.clamp(max=n_grad)
-    n = depths - k
-
-    def iterate(h):
-        u = model.injection(h, e)
-        for block in model.core:
-            u = block(u, idx, cos, sin)
-        return u
-
-    with torch.no_grad():
-        for i in range(int(n.max())):
-            h = torch.where((i < n).view(-1, 1, 1), iterate(h), h)
-    for j in range(int(k.max())):
-        h = torch.where((j < k).view(-1, 1, 1), iterate(h), h)
-    x = model.C(h)
-    for block in model.coda:
-        x = block(x, idx, cos, sin)
-    logits = F.linear(model.norm_f(x), model.wte.weight)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-
-
 @pytest.mark.parametrize("injection", ["parcae", "linear", "add"])
 def test_active_sequences_loop_equals_masked_reference(injection):
+    """Computing only the running sequences gives the same loss and gradients as the release's
+    loop, which pads every sequence to the deepest and freezes finished ones with a mask."""
     model = tiny(injection, backprop_loops=3).train()
+    reference = MaskedLoopGPT(model.config).train()
+    reference.load_state_dict(model.state_dict())
     depths = torch.tensor([2, 7, 1, 4, 7, 3])     # deliberately unsorted
     x = tokens(B=6)
-    grads = []
-    for run in (lambda: model(x[:, :-1], x[:, 1:], depths=depths)[1],
-                lambda: masked_reference(model, x[:, :-1], x[:, 1:], depths, 3)):
-        model.zero_grad()
+    results = []
+    for m in (model, reference):
         torch.manual_seed(5)            # the same initial state h_0 for both
-        loss = run()
+        _, loss = m(x[:, :-1], x[:, 1:], depths=depths)
         loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_a, grad_a), (loss_b, grad_b) = grads
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (loss_a, grad_a), (loss_b, grad_b) = results
     assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-6)
-    assert grad_a.keys() == grad_b.keys() and len(grad_a) == len(list(model.parameters()))
     for name in grad_a:
+        assert grad_a[name] is not None, name
         assert torch.allclose(grad_a[name], grad_b[name], rtol=1e-5, atol=1e-7), name
 
 
@@ -248,7 +219,6 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward(injection, loops):
     x = tokens(B=2, L=10)[:, :-1]
     with torch.no_grad():
         full, _ = model(x, loops=loops)
-        from model import KVCache
         c = model.config
         cache = KVCache(c.n_prelude + (loops if c.looped else 1) * c.n_core + c.n_coda, c.block_size)
         prefill, _ = model(x[:, :6], loops=loops, cache=cache)
