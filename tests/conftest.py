@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny char-level dataset written to a temp folder, and a tiny model's settings."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)    # so that tests import train, sample, model, prepare from the repo
+
+# a few hundred thousand parameters less than the demo: each step takes milliseconds
+TINY = dict(n_embd=32, n_head=2, n_prelude=1, n_core=1, n_coda=1, block_size=32, batch_size=8,
+            mean_loops=2, backprop_loops=1, max_iters=30, lr=1e-2, eval_interval=10, eval_iters=2,
+            eval_loops=[1, 2], log_interval=1, device="cpu")
+
+
+def write_char_data(folder, text, val_text):
+    """train.bin, val.bin and meta.json as prepare.py writes them for its char tokenizer."""
+    chars = "".join(sorted(set(text + val_text)))
+    eot = len(chars)
+    os.makedirs(folder, exist_ok=True)
+    for split, t in (("train", text), ("val", val_text)):
+        ids = [chars.index(c) for c in t] + [eot]
+        np.array(ids, dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+    meta = {"tokenizer": "char", "vocab_size": len(chars) + 1, "eot_token": eot,
+            "train_tokens": len(text) + 1, "val_tokens": len(val_text) + 1, "chars": chars}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """A folder of data made of one sentence repeated: easy to learn, so the loss falls fast."""
+    folder = tmp_path / "data"
+    sentence = "the quick brown fox jumps over the lazy dog. "
+    write_char_data(str(folder), sentence * 400, sentence * 40)
+    return folder
+
+
+@pytest.fixture
+def tiny_args(tmp_path, tiny_data):
+    """tiny_args(**overrides) -> train.py's --key=value arguments for a tiny run on tiny_data."""
+    def args(**overrides):
+        settings = {**TINY, "data_dir": str(tiny_data), "out_dir": str(tmp_path / "out"), **overrides}
+        return [f"--{k}={v!r}" for k, v in settings.items()]
+    return args

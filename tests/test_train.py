@@ -1,0 +1,200 @@
+"""train.py: the configurator, the schedules, and short real training runs on a tiny model."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+from model import GPT
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r and not r.get("skipped")}
+
+
+def with_training_forward(patch):
+    """A GPT whose training forwards go through patch(step, loss) -> loss (one micro-step per step)."""
+    class Patched(GPT):
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
+            if self.training:
+                self.steps_seen = getattr(self, "steps_seen", -1) + 1
+                loss = patch(self.steps_seen, loss)
+            return logits, loss
+    return Patched
+
+
+# -----------------------------------------------------------------------------
+# the configurator
+
+
+def test_unknown_setting_is_refused_naming_the_nearest_valid_one():
+    with pytest.raises(SystemExit, match="unknown setting 'max_iter' .*'max_iters'"):
+        train.parse_settings(["--max_iter=5"])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--max_iters=1.5", "max_iters must be an integer"),
+    ("--prelude_norm=1", "prelude_norm must be True or False"),
+    ("--eval_loops=4", "eval_loops must be a list"),
+    ("--compile=yes", "compile must be one of 'auto', True, False"),
+    ("--schedule=linear", "schedule must be one of"),
+])
+def test_a_value_of_the_wrong_type_is_refused(arg, message):
+    with pytest.raises(SystemExit, match=message):
+        train.parse_settings([arg])
+
+
+def test_values_are_python_literals_or_else_strings():
+    s = train.parse_settings(["--lr=3", "--device=cpu", "--eval_loops=[1, 3]", "--compile=False"])
+    assert s["lr"] == 3.0 and type(s["lr"]) is float      # an int is fine where a float is expected
+    assert s["device"] == "cpu" and s["eval_loops"] == [1, 3] and s["compile"] is False
+
+
+def test_config_file_is_applied_then_overridden_and_its_typos_refused(tmp_path):
+    good = tmp_path / "good.py"
+    good.write_text("# a config\nbatch_size = 4\nn_embd = 64\n")
+    s = train.parse_settings([str(good), "--n_embd=96"])
+    assert s["batch_size"] == 4 and s["n_embd"] == 96
+    typo = tmp_path / "typo.py"
+    typo.write_text("bach_size = 4\n")
+    with pytest.raises(SystemExit, match="typo.py: unknown setting 'bach_size' .*'batch_size'"):
+        train.parse_settings([str(typo)])
+
+
+def test_trapezoid_is_constant_then_falls_linearly_to_zero_and_cosine_ends_at_min_lr():
+    cfg = SimpleNamespace(lr=1.0, max_iters=100, warmup_iters=0, schedule="trapezoid", cooldown_frac=0.5, min_lr=0.1)
+    assert [train.lr_at(s, cfg) for s in (0, 49, 50, 75, 99)] == [1.0, 1.0, 1.0, 0.5, 0.02]
+    cfg.warmup_iters = 10
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == 1.0
+    cfg.schedule = "cosine"
+    assert train.lr_at(10, cfg) == 1.0 and train.lr_at(100, cfg) == pytest.approx(0.1)
+
+
+# -----------------------------------------------------------------------------
+# training runs
+
+
+@pytest.mark.parametrize("injection", ["parcae", "none"])
+def test_a_30_step_run_learns_the_pattern(tiny_args, tmp_path, injection):
+    final = train.main(tiny_args(injection=injection))
+    losses = train_losses(tmp_path / "out")
+    assert sorted(losses) == list(range(30))
+    assert losses[29] < 0.5 * losses[0]
+    evals = [r for r in metrics(tmp_path / "out") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert list(final) == (["1", "2"] if injection == "parcae" else ["1"])     # the Transformer runs once
+    assert all(final[k] < 0.5 * evals[0]["val_loss"][k] for k in final)
+    last = metrics(tmp_path / "out")[-2]
+    assert set(last) == {"step", "loss", "lr", "tokens_per_sec", "mfu", "grad_norm", "state_norm",
+                         "residual", "a_max", "a_mean", "time"}
+    assert (last["a_max"] is None) == (injection == "none")
+    assert 0 < last["a_max"] < 1 if injection == "parcae" else True
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["meta"]["tokenizer"] == "char"
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+def test_resuming_after_a_crash_continues_exactly_from_the_last_checkpoint(tiny_args, tmp_path, monkeypatch):
+    train.main(tiny_args(max_iters=20, out_dir=str(tmp_path / "whole")))
+
+    def crash(step, loss):
+        if step == 12:
+            raise KeyboardInterrupt
+        return loss
+    with monkeypatch.context() as m:
+        m.setattr(train, "GPT", with_training_forward(crash))
+        with pytest.raises(KeyboardInterrupt):
+            train.main(tiny_args(max_iters=20, out_dir=str(tmp_path / "split")))
+    assert max(train_losses(tmp_path / "split")) == 11     # it logged two steps past the checkpoint
+    train.main(tiny_args(max_iters=20, out_dir=str(tmp_path / "split"), init_from="resume"))
+    # the same losses to the last bit, and the log reads as one run
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "time", "mfu")} for r in rs]
+    assert strip(split) == strip(whole)
+
+
+def test_resume_refuses_other_model_settings_and_a_damaged_checkpoint(tiny_args, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        train.main(tiny_args(init_from="resume"))
+    train.main(tiny_args(max_iters=10))
+    with pytest.raises(SystemExit, match="model settings differ: n_embd=32 there, 64 here"):
+        train.main(tiny_args(max_iters=20, init_from="resume", n_embd=64))
+    (tmp_path / "out" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="could not read the checkpoint"):
+        train.main(tiny_args(max_iters=20, init_from="resume"))
+
+
+def test_missing_data_says_how_to_make_it(tiny_args, tmp_path):
+    with pytest.raises(SystemExit, match="python prepare.py"):
+        train.main(tiny_args(data_dir=str(tmp_path / "nowhere")))
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path, monkeypatch):
+    nan_from_13 = lambda step, loss: loss * float("nan") if step >= 13 else loss
+    monkeypatch.setattr(train, "GPT", with_training_forward(nan_from_13))
+    with pytest.raises(SystemExit, match=r"stopped at step 13: the training loss is nan .*still holds step 10"):
+        train.main(tiny_args())
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 10
+    assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
+    assert max(r["step"] for r in metrics(tmp_path / "out")) == 12
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity going forward; a NaN gradient coming back."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_training_goes_on(tiny_args, tmp_path, monkeypatch):
+    nan_grad_at_5 = lambda step, loss: NanGradient.apply(loss) if step == 5 else loss
+    monkeypatch.setattr(train, "GPT", with_training_forward(nan_grad_at_5))
+    train.main(tiny_args(max_iters=12))
+    records = {r["step"]: r for r in metrics(tmp_path / "out") if "val_loss" not in r}
+    assert records[5]["skipped"] is True and records[5]["grad_norm"] is None   # NaN is written as null
+    assert sorted(records) == list(range(12))
+    assert all(r["loss"] < records[0]["loss"] for s, r in records.items() if s > 5)
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 12
+
+
+# -----------------------------------------------------------------------------
+# DDP on CPU
+
+
+@pytest.mark.parametrize("randomness", [dict(depth_sampling="fixed", init_state="zero"), {}],
+                         ids=["fixed-depth", "sampled-depth"])
+def test_two_ddp_processes_train_like_one_process_with_the_same_global_batch(tiny_args, tmp_path, randomness):
+    # 1 process × 2 micro-steps and 2 processes × 1 micro-step read the same windows; and since
+    # the depths and h_0 are drawn from a seed of the micro-batch's number, not of the rank,
+    # even the sampled depths agree.
+    common = dict(max_iters=8, eval_interval=4, grad_accum_steps=2, **randomness)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "train.py", *tiny_args(**common, out_dir=str(tmp_path / "one"))],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          "train.py", *tiny_args(**common, out_dir=str(tmp_path / "two"))],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr
+    assert "on 2 process(es)" in two.stdout
+    single, ddp = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(ddp) == list(range(8)) and ddp[7] < ddp[0]
+    assert [ddp[s] for s in range(8)] == pytest.approx([single[s] for s in range(8)], abs=1e-5)
+    val = lambda d: [r["val_loss"]["1"] for r in metrics(d) if "val_loss" in r]
+    assert val(tmp_path / "two") == pytest.approx(val(tmp_path / "one"), abs=1e-5)

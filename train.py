@@ -1,0 +1,395 @@
+"""
+Train a looped GPT (Parcae) or one of its baselines: on a CPU, one GPU, or many with DDP.
+
+    python prepare.py && python train.py            # the demo: a few minutes on a laptop CPU
+    python train.py config/parcae_140m.py --max_iters=2000 --out_dir=out-try
+    torchrun --nproc_per_node=8 train.py config/parcae_350m.py
+    torchrun --nproc_per_node=8 train.py config/parcae_350m.py --init_from=resume
+
+Every setting is a module-level name below; its value there is the default (the CPU demo:
+a small char-level Parcae model of Python's standard library). A config file given as the
+first argument (plain Python assignments) and then --key=value arguments override them.
+Unknown names and values of the wrong type are refused, with the nearest valid name.
+
+Writes out_dir/ckpt.pt (at each evaluation and at the end) and out_dir/metrics.jsonl (one
+JSON object per log line, for scripts and plots). PARCAE.md section 5 is the recipe.
+"""
+import ast
+import builtins
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# settings (the defaults are the CPU demo: about 5 minutes on 2 cores)
+# I/O
+out_dir = "out"
+data_dir = "data/stdlib"         # train.bin, val.bin, meta.json, as written by prepare.py
+init_from = "scratch"            # scratch | resume (from out_dir/ckpt.pt)
+save_checkpoint = True
+seed = 1337
+device = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps ...
+dtype = "auto"                   # auto (bfloat16 autocast on cuda, float32 elsewhere) | bfloat16 | float32
+compile = "auto"                 # torch.compile the blocks: auto (on cuda only) | True | False
+# model (the vocabulary size comes from the data's meta.json)
+block_size = 128
+n_embd = 96
+n_head = 2
+n_prelude = 1
+n_core = 1
+n_coda = 1
+injection = "parcae"             # parcae | linear | add | none (plain Transformer)
+prelude_norm = True
+init_state = "normal"            # normal | zero
+mean_loops = 4                   # μ_rec
+backprop_loops = 2               # μ_bwd
+depth_sampling = "per-sequence"  # per-sequence | per-batch | fixed
+# batch: batch_size × grad_accum_steps sequences of block_size tokens per optimizer step
+batch_size = 32                  # per process and micro-step
+grad_accum_steps = 1             # over all processes: divided among the DDP ranks
+# optimizer and schedule
+max_iters = 500
+lr = 1.5e-2                      # for both Muon and AdamW
+schedule = "trapezoid"           # trapezoid (warmup, constant, linear cool-down to 0) | cosine (to min_lr)
+warmup_iters = 0
+cooldown_frac = 0.5              # trapezoid: the last half of training decays to 0
+min_lr = 0.0                     # cosine: where it ends
+weight_decay = 0.2               # Muon's, decaying linearly to 0 over training
+grad_clip = 1.0                  # on the global gradient norm; 0 turns clipping off
+# evaluation and logging
+eval_interval = 100
+eval_iters = 10                  # validation batches per loop count
+eval_loops = [1, 2, 4, 8]        # loop counts to evaluate at (the Transformer is evaluated once)
+log_interval = 50
+
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))}
+CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "bfloat16", "float32"),
+           "compile": ("auto", True, False), "schedule": ("trapezoid", "cosine")}
+
+# -----------------------------------------------------------------------------
+# the configurator: defaults <- config file <- --key=value, every value checked
+
+
+def check_setting(key, value, where):
+    if key not in SETTINGS:
+        close = difflib.get_close_matches(key, SETTINGS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "the settings are listed at the top of train.py"
+        raise SystemExit(f"{where}: unknown setting {key!r} ({hint})")
+    default = SETTINGS[key]
+    if key in CHOICES:
+        # compare types too, since True == 1 in Python
+        ok = any(type(value) is type(c) and value == c for c in CHOICES[key])
+        wanted = "one of " + ", ".join(map(repr, CHOICES[key]))
+    else:
+        ok = type(value) is type(default) or (type(default) is float and type(value) is int)
+        wanted = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
+                  list: "a list like [1, 2]"}[type(default)]
+    if not ok:
+        raise SystemExit(f"{where}: {key} must be {wanted}, got {value!r}")
+    return float(value) if type(default) is float else value
+
+
+def parse_settings(argv):
+    """The settings as a dict: defaults, then an optional config file (first argument), then --key=value."""
+    settings = dict(SETTINGS)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nsettings and their defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in SETTINGS.items()))
+        raise SystemExit(0)
+    if argv and not argv[0].startswith("--"):
+        path, argv = argv[0], argv[1:]
+        if not os.path.isfile(path):
+            raise SystemExit(f"no config file {path!r}")
+        namespace = {}
+        with open(path) as f:     # (builtins.compile: our `compile` setting hides the builtin)
+            exec(builtins.compile(f.read(), path, "exec"), namespace)
+        for key, value in namespace.items():
+            if not key.startswith("_"):
+                settings[key] = check_setting(key, value, path)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"expected --key=value, got {arg!r} (a config file goes first)")
+        key, text = arg[2:].split("=", 1)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text        # a bare word such as --device=cpu is a string
+        settings[key] = check_setting(key, value, arg)
+    return settings
+
+
+# -----------------------------------------------------------------------------
+# data, schedules, evaluation, checkpoints
+
+
+def get_batch(data, split, step, micro, cfg, device):
+    """
+    Micro-batch number `micro` (counted over all ranks) of `step`. Everything random about
+    it, its windows and (through torch's seed) its sampled depths and initial state, is a
+    function of (seed, split, step, micro) alone. So a resumed run sees exactly the batches
+    of an uninterrupted one, and 2 ranks × 1 micro-step read what 1 rank × 2 micro-steps read.
+    """
+    rng = np.random.default_rng([cfg.seed, split, step, micro])
+    torch.manual_seed(int(rng.integers(2**62)))     # the model samples depths and h_0 from torch's RNGs
+    starts = rng.integers(0, len(data) - cfg.block_size, size=cfg.batch_size)
+    windows = torch.from_numpy(data[starts[:, None] + np.arange(cfg.block_size + 1)].astype(np.int64))
+    if device.type == "cuda":   # pinned memory lets the copy run asynchronously
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def lr_at(step, cfg):
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if cfg.schedule == "trapezoid":
+        cooldown = max(1, round(cfg.cooldown_frac * cfg.max_iters))
+        return cfg.lr * min(1.0, (cfg.max_iters - step) / cooldown)
+    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, rank, world, device, autocast):
+    """Mean validation loss at each of eval_loops; the same eval_iters batches every time."""
+    model.eval()
+    losses = {}
+    for loops in (cfg.eval_loops if model.config.looped else [1]):
+        total = torch.zeros(2, device=device)   # sum of losses, number of batches
+        for i in range(rank, cfg.eval_iters, world):
+            x, y = get_batch(data, 1, i, 0, cfg, device)
+            with autocast:
+                _, loss = model(x, y, loops=loops)
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        if world > 1:
+            dist.all_reduce(total)
+        losses[str(loops)] = (total[0] / total[1]).item()
+    model.train()
+    return losses
+
+
+def save(path, checkpoint):
+    tmp = path + ".tmp"         # write aside, then rename: a crash never leaves half a checkpoint
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py ... --init_from=scratch)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"could not read the checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not ours")
+
+
+def log_metrics(path, **record):
+    # strict JSON: a non-finite number (a skipped step's gradient norm, say) is written as null
+    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
+    record = {k: {n: clean(x) for n, x in v.items()} if isinstance(v, dict) else clean(v) for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def pick_device(name, local_rank):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"    # under torchrun, one GPU per process
+    return torch.device(name)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = SimpleNamespace(**parse_settings(sys.argv[1:] if argv is None else argv))
+    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them we are the only process
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = pick_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train(cfg, rank, world, device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train(cfg, rank, world, device):
+    master = rank == 0          # the one process that prints, logs and saves
+    if cfg.grad_accum_steps % world:
+        raise SystemExit(f"grad_accum_steps={cfg.grad_accum_steps} must be a multiple of the {world} processes")
+    accum = cfg.grad_accum_steps // world
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+
+    # data
+    for name in ("train.bin", "val.bin", "meta.json"):
+        if not os.path.exists(os.path.join(cfg.data_dir, name)):
+            raise SystemExit(f"{os.path.join(cfg.data_dir, name)} not found: make the data first with "
+                             "`python prepare.py` (`python prepare.py --help` lists the sources)")
+    with open(os.path.join(cfg.data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    train_data, val_data = (np.memmap(os.path.join(cfg.data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
+                            for s in ("train", "val"))
+    if min(len(train_data), len(val_data)) <= cfg.block_size:
+        raise SystemExit(f"{cfg.data_dir}: train.bin and val.bin need more than block_size={cfg.block_size} tokens")
+
+    # model, optimizers, and the checkpoint to resume from
+    model_args = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}
+    try:
+        config = GPTConfig(vocab_size=meta["vocab_size"], **model_args)
+    except ValueError as e:
+        raise SystemExit(f"bad model settings: {e}")
+    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
+    if ckpt:
+        differ = [f"{k}={ckpt['model_config'].get(k)!r} there, {v!r} here"
+                  for k, v in asdict(config).items() if ckpt["model_config"].get(k) != v]
+        if differ:
+            raise SystemExit(f"cannot resume from {ckpt_path}: the model settings differ: {'; '.join(differ)}")
+    torch.manual_seed(cfg.seed)     # the same initial weights on every rank
+    model = raw_model = GPT(config).to(device)
+    optimizers = raw_model.configure_optimizers(cfg.lr, cfg.weight_decay, device.type)
+    muon = optimizers[0]
+    start_step, train_time, last_val, saved_step = 0, 0.0, None, None
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        start_step, train_time, last_val = ckpt["step"], ckpt["train_time"], ckpt["val_loss"]
+        saved_step = start_step
+        del ckpt
+    if use_compile:
+        # Block by block, so the data-dependent loop stays in Python; dynamic shapes, because
+        # the number of sequences still looping changes from one iteration to the next.
+        for block in raw_model.blocks():
+            block.compile(dynamic=True)
+        # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:
+        # with or without a value embedding, gradient, fp32 or bf16 input, one sequence or more
+        torch._dynamo.config.recompile_limit = 64
+    if world > 1:
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if start_step == 0 and os.path.exists(metrics_path):
+            os.remove(metrics_path)         # a fresh run starts a fresh log
+        elif os.path.exists(metrics_path):  # resuming: drop what a crashed run logged after its checkpoint
+            with open(metrics_path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in lines
+                             if r["step"] < start_step or (r["step"] == start_step and "val_loss" in r))
+        tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
+        loops = f"{cfg.mean_loops} loops on average, {cfg.backprop_loops} with gradient" if config.looped else "no loop"
+        print(f"{cfg.injection} model: {raw_model.num_params() / 1e6:.2f}M parameters, {loops} | "
+              f"{tokens_per_step:,} tokens per step on {world} process(es) | {device}, "
+              f"{'bfloat16' if bf16 else 'float32'}, {'compiled' if use_compile else 'not compiled'}"
+              + (f" | resuming at step {start_step}" if start_step else ""))
+
+    bar = tqdm(total=cfg.max_iters, initial=start_step, disable=not (master and sys.stdout.isatty()))
+    t_start = t_log = time.time()
+    steps_since_log = 0
+    for step in range(start_step, cfg.max_iters + 1):
+        last = step == cfg.max_iters
+        # evaluate and save (not again on the step we resumed at: that happened before)
+        if (step % cfg.eval_interval == 0 or last) and not step == start_step > 0:
+            t_eval = time.time()
+            last_val = evaluate(raw_model, val_data, cfg, rank, world, device, autocast)
+            if master:
+                bar.write(f"step {step} | val loss " + ", ".join(f"{k} loops {v:.4f}" for k, v in last_val.items()))
+                log_metrics(metrics_path, step=step, val_loss=last_val)
+            if not all(map(math.isfinite, last_val.values())):
+                kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
+                raise SystemExit(f"stopped at step {step}: the validation loss is not finite ({kept})")
+            if master and cfg.save_checkpoint and step > 0:
+                save(ckpt_path, {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                                 "model_config": asdict(config), "settings": vars(cfg), "meta": meta, "step": step,
+                                 "val_loss": last_val, "train_time": train_time + time.time() - t_start})
+                saved_step = step
+            t_log += time.time() - t_eval       # so that tokens/s counts training alone
+        if last:
+            break
+
+        # the schedules: lr for both optimizers, Muon's momentum warm-up and weight decay
+        lr = lr_at(step, cfg)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        for group in muon.param_groups:
+            group["momentum"] = 0.85 + 0.10 * min(1.0, step / 300)
+            group["weight_decay"] = cfg.weight_decay * (1 - step / cfg.max_iters)
+
+        # forward and backward over the micro-batches; DDP averages the gradients over the
+        # ranks, but only on the last micro-step (no_sync on the others saves the traffic)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = get_batch(train_data, 0, step, rank * accum + micro, cfg, device)
+            with model.no_sync() if world > 1 and micro < accum - 1 else nullcontext():
+                with autocast:
+                    _, loss = model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        loss = loss_sum / accum
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        # the one host-device sync of a step: we must know whether the numbers are finite
+        # before stepping. The gradient norm is the same on every rank, and so is the loss.
+        loss_ok, grad_ok = torch.stack([loss, grad_norm.to(loss.dtype)]).isfinite().tolist()
+        if not loss_ok:
+            kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
+            raise SystemExit(f"stopped at step {step}: the training loss is {loss.item()} ({kept})")
+        if grad_ok:
+            for opt in optimizers:
+                opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        steps_since_log += 1
+
+        if master and not grad_ok:
+            bar.write(f"step {step} | skipped: the gradient norm is {grad_norm.item()}")
+            log_metrics(metrics_path, step=step, skipped=True, loss=loss.item(), grad_norm=grad_norm.item())
+        elif master and step % cfg.log_interval == 0:
+            now = time.time()
+            tokens_per_sec = steps_since_log * cfg.batch_size * cfg.grad_accum_steps * cfg.block_size / (now - t_log)
+            t_log, steps_since_log = now, 0
+            mfu = raw_model.estimate_mfu(tokens_per_sec / world, device)
+            stats = raw_model.stability_stats()     # of the last micro-batch's loop
+            line = [f"step {step}", f"loss {loss.item():.4f}", f"lr {lr:.1e}", f"{tokens_per_sec / 1e3:.1f}k tok/s"]
+            line += [f"mfu {100 * mfu:.1f}%"] if mfu is not None else []
+            line += [f"‖h‖ {stats['state_norm']:.2f}", f"Ā max {stats['a_max']:.3f}"] if stats else []
+            bar.write(" | ".join(line + [f"grad {grad_norm.item():.3f}"]))
+            log_metrics(metrics_path, step=step, loss=loss.item(), lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu,
+                        grad_norm=grad_norm.item(), state_norm=stats.get("state_norm"), residual=stats.get("residual"),
+                        a_max=stats.get("a_max"), a_mean=stats.get("a_mean"), time=train_time + now - t_start)
+    bar.close()
+    if master:
+        print("final val loss: " + ", ".join(f"{v:.4f} at {k} loops" for k, v in last_val.items()))
+    return last_val
+
+
+if __name__ == "__main__":
+    main()
