@@ -316,7 +316,8 @@ class GPT(nn.Module):
             if depths.min() < 1:
                 raise ValueError(f"every sequence needs at least one loop, got depths {depths.tolist()}")
             n_grad = c.backprop_loops if self.training else int(depths.max())
-            x = self.C(self.recur(self.prelude_norm(x), idx, depths, n_grad, cos, sin, cache))
+            h = self.recur(self.prelude_norm(x), idx, depths, n_grad, cos, sin, cache)
+            x = self.C(h).type_as(x)      # the residual stream keeps its dtype (fp32 under autocast)
         else:
             for block in self.core:
                 x = block(x, idx, cos, sin, cache)

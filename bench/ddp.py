@@ -1,0 +1,119 @@
+"""
+Multi-GPU scaling: the same training at 1, 2, 4, 8 GPUs with the same global batch.
+
+    python bench/ddp.py --data_dir data/fineweb-edu                 # every GPU count this node has
+    python bench/ddp.py --gpus 1 2 --models parcae_350m --steps 100
+
+For each config and GPU count it runs `torchrun --nproc_per_node=N train.py config/<model>.py`
+with the same global batch (batch_size × grad_accum_steps sequences, split among the ranks),
+then reports tokens/s per GPU, the scaling efficiency against one GPU, peak memory and how
+far the loss curves of the different GPU counts are apart. Every micro-batch's windows and
+depth draws depend only on (seed, step, micro-batch index over all ranks), so the curves
+should agree up to the order of floating-point sums. Last, it resumes the largest run's
+checkpoint on one GPU and trains a few more steps, to show a checkpoint moves between GPU
+counts. Writes bench/results/ddp.json and ddp.md. NVLink multicast stays off
+(NCCL_NVLS_ENABLE=0).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def torchrun(n_gpus, model, out_dir, args, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
+           os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", model + ".py"),
+           f"--data_dir={args.data_dir}", f"--out_dir={out_dir}", f"--max_iters={args.steps}",
+           f"--batch_size={args.batch_size}", f"--grad_accum_steps={args.micro_steps}",
+           f"--eval_interval={args.steps}", "--eval_iters=8", "--eval_loops=[8]", "--log_interval=5", *extra]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n_gpus))}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "log.txt"), "w") as log:
+        result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed; see {out_dir}/log.txt")
+
+
+def summarize(records, skip_frac=0.3):
+    """Median tokens/s and peak memory over the logged steps, after the compile warm-up."""
+    train = [r for r in records if "tokens_per_sec" in r]
+    steady = train[int(len(train) * skip_frac):] or train
+    return {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in steady),
+            "peak_mem_gb": max((r.get("peak_mem_gb") or 0) for r in train),
+            "losses": {r["step"]: r["loss"] for r in train},
+            "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)}
+
+
+def main():
+    import torch
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    available = torch.cuda.device_count()
+    parser.add_argument("--gpus", type=int, nargs="+", default=[n for n in (1, 2, 4, 8) if n <= available])
+    parser.add_argument("--models", nargs="+", default=["gpt_350m", "parcae_350m"])
+    parser.add_argument("--data_dir", default="data/fineweb-edu")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per micro-step and GPU")
+    parser.add_argument("--micro_steps", type=int, default=8, help="micro-batches per step over all GPUs "
+                        "(the global batch is batch_size × micro_steps sequences)")
+    parser.add_argument("--resume_steps", type=int, default=20)
+    parser.add_argument("--work_dir", default="out/bench-ddp")
+    parser.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"))
+    args = parser.parse_args()
+    if not args.gpus or max(args.gpus) > available:
+        raise SystemExit(f"this node has {available} GPU(s); --gpus asks for {args.gpus}")
+    if any(args.micro_steps % n for n in args.gpus):
+        raise SystemExit(f"--micro_steps={args.micro_steps} must be a multiple of every GPU count in {args.gpus}")
+
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
+               "global_batch": f"{args.batch_size * args.micro_steps} sequences", "runs": {}}
+    for model in args.models:
+        for n in args.gpus:
+            out_dir = os.path.join(args.work_dir, f"{model}-{n}gpu")
+            torchrun(n, model, out_dir, args)
+            r = summarize(read_metrics(out_dir))
+            r["tokens_per_sec_per_gpu"] = r["tokens_per_sec"] / n
+            results["runs"][f"{model} {n}"] = r
+            print(f"{model} on {n} GPU(s): {r['tokens_per_sec'] / 1e3:.1f}k tok/s, "
+                  f"{r['tokens_per_sec_per_gpu'] / 1e3:.1f}k per GPU, peak {r['peak_mem_gb']:.1f} GB", flush=True)
+        one = results["runs"][f"{model} {args.gpus[0]}"]
+        for n in args.gpus:
+            r = results["runs"][f"{model} {n}"]
+            r["scaling_efficiency"] = r["tokens_per_sec_per_gpu"] / (one["tokens_per_sec"] / args.gpus[0])
+            common = sorted(set(r["losses"]) & set(one["losses"]))
+            r["max_loss_gap"] = max(abs(r["losses"][s] - one["losses"][s]) for s in common)
+        # a checkpoint written by the largest run continues on one GPU
+        largest = os.path.join(args.work_dir, f"{model}-{max(args.gpus)}gpu")
+        torchrun(1, model, largest, args, [f"--max_iters={args.steps + args.resume_steps}", "--init_from=resume"])
+        after = [r for r in read_metrics(largest) if "loss" in r and r["step"] > args.steps]
+        results["runs"][f"{model} {max(args.gpus)}"]["resumed_on_1_gpu"] = {r["step"]: r["loss"] for r in after}
+        print(f"{model}: resumed the {max(args.gpus)}-GPU checkpoint on 1 GPU, losses "
+              + ", ".join(f"{r['loss']:.3f}" for r in after), flush=True)
+
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(os.path.join(args.results_dir, "ddp.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lines = [f"{results['gpu']}, torch {results['torch']}, {args.steps} steps, global batch {results['global_batch']}:",
+             "", "| model | GPUs | tokens/s | per GPU | scaling efficiency | peak memory (GB) | max loss gap |",
+             "|---|---|---|---|---|---|---|"]
+    for key, r in results["runs"].items():
+        model, n = key.split()
+        lines.append(f"| {model} | {n} | {r['tokens_per_sec']:,.0f} | {r['tokens_per_sec_per_gpu']:,.0f} | "
+                     f"{100 * r['scaling_efficiency']:.0f} % | {r['peak_mem_gb']:.1f} | {r['max_loss_gap']:.4f} |")
+    with open(os.path.join(args.results_dir, "ddp.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
