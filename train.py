@@ -384,7 +384,8 @@ def train(cfg, rank, world, device):
             bar.write(" | ".join(line + [f"grad {grad_norm.item():.3f}"]))
             log_metrics(metrics_path, step=step, loss=loss.item(), lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu,
                         grad_norm=grad_norm.item(), state_norm=stats.get("state_norm"), residual=stats.get("residual"),
-                        a_max=stats.get("a_max"), a_mean=stats.get("a_mean"), time=train_time + now - t_start)
+                        a_max=stats.get("a_max"), a_mean=stats.get("a_mean"), time=train_time + now - t_start,
+                        peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
     bar.close()
     if master:
         print("final val loss: " + ", ".join(f"{v:.4f} at {k} loops" for k, v in last_val.items()))

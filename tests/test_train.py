@@ -97,7 +97,8 @@ def test_a_30_step_run_learns_the_pattern(tiny_args, tmp_path, injection):
     assert all(final[k] < 0.5 * evals[0]["val_loss"][k] for k in final)
     last = metrics(tmp_path / "out")[-2]
     assert set(last) == {"step", "loss", "lr", "tokens_per_sec", "mfu", "grad_norm", "state_norm",
-                         "residual", "a_max", "a_mean", "time"}
+                         "residual", "a_max", "a_mean", "time", "peak_mem_gb"}
+    assert last["peak_mem_gb"] is None      # GPU memory only
     assert (last["a_max"] is None) == (injection == "none")
     assert 0 < last["a_max"] < 1 if injection == "parcae" else True
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)

@@ -1,0 +1,391 @@
+"""
+What bench/stability.py, bench/quality.py and bench/loops.py share: the size presets,
+the five models compared, a runner that launches train.py N runs at a time, and the
+read-outs of a run's metrics.jsonl (loss spikes, divergence, final validation loss).
+
+Every run is a plain `python train.py --key=value ...` in its own out_dir, so any of
+them can be repeated by hand: its command is the first line of its train.log.
+"""
+
+import argparse
+import ast
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model import GPT, GPTConfig  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# presets: one model size, token budgets and evaluation settings per name.
+# train: train.py settings of every run; layers: P/R/C of the looped models (gpt runs the
+# same layers once, gpt_2x twice as many); rates: the sweep's; sweep_tokens, budgets:
+# training tokens per run; evals: evaluations per run after step 0; parallel: runs at a
+# time; loops, loop_batches: loops.py's depths and batches; tokens_per_sec: measured, for
+# the time estimate.
+
+PRESETS = {
+    # seconds on a CPU, for the tests: it checks that the scripts run, not the science
+    "tiny": {
+        "train": dict(device="cpu", dtype="float32", compile=False, n_embd=32, n_head=2, block_size=32,
+                      batch_size=4, grad_accum_steps=1, eval_iters=2, log_interval=1),
+        "layers": (1, 1, 1), "mean_loops": 2, "backprop_loops": 1,
+        "rates": [2e-3, 4e-3, 8e-3, 16e-3], "sweep_tokens": 2_560, "budgets": [2_560, 5_120],
+        "evals": 2, "parallel": 2, "loops": [1, 2, 4, 8], "loop_batches": 2,
+    },
+    # one H200, 8 runs at a time. head_dim 128 as in the paper; the looped models are
+    # P/R/C = 1/2/1 at μ_rec 4, μ_bwd 2; the Transformer has the same 4 unique layers.
+    # ~65M parameters, 60 % of them the token and value-embedding tables (GPT-2's vocab).
+    # Measured on one H200 (GPT-2 tokens, not compiled): the GPU saturates at ~330k tokens/s
+    # over all runs from 3 runs at a time on, and 8 runs of 16 × 512-token micro-batches take
+    # ~75 GB (32-sequence micro-batches ran out of memory). So the sweep (20 runs × 4M) takes
+    # ~4.5 min, quality's new runs (4M + 5 × 10M) ~3 min, loops.py ~40 s.
+    "small": {
+        "train": dict(device="cuda", dtype="auto", compile=False, n_embd=384, n_head=3, block_size=512,
+                      batch_size=16, grad_accum_steps=2, eval_iters=32, log_interval=5),
+        "layers": (1, 2, 1), "mean_loops": 4, "backprop_loops": 2,
+        "rates": [2e-3, 4e-3, 8e-3, 16e-3, 32e-3], "sweep_tokens": 4_000_000, "budgets": [4_000_000, 10_000_000],
+        "evals": 2, "parallel": 8, "loops": [1, 2, 4, 6, 8, 12, 16, 24, 32], "loop_batches": 32,
+        "tokens_per_sec": 330_000,
+    },
+}
+
+MODELS = ("gpt", "gpt_2x", "looped_add", "looped_linear", "parcae")
+SWEEP_MODELS = ("gpt", "looped_add", "looped_linear", "parcae")
+LOOPED = ("looped_add", "looped_linear", "parcae")
+
+
+def model_settings(name, preset):
+    """
+    train.py's model settings for one of the compared models at a preset's size:
+    gpt           the plain Transformer with the same unique layers, each run once
+    gpt_2x        the plain Transformer with twice the layers (the quality reference)
+    looped_add    u = h + e, with the prior recipe of config/looped_*.py: one depth per batch, no prelude norm
+    looped_linear u = W [h; e] (Ā = W_x, unconstrained), the same prior recipe
+    parcae        the stable injection, with depths per sequence and the prelude norm
+    """
+    P, R, C = preset["layers"]
+    loop = dict(n_prelude=P, n_core=R, n_coda=C, mean_loops=preset["mean_loops"],
+                backprop_loops=preset["backprop_loops"], init_state="normal")
+    table = {
+        "gpt": dict(injection="none", n_prelude=P, n_core=R, n_coda=C),
+        "gpt_2x": dict(injection="none", n_prelude=2 * P, n_core=2 * R, n_coda=2 * C),
+        "looped_add": dict(loop, injection="add", depth_sampling="per-batch", prelude_norm=False),
+        "looped_linear": dict(loop, injection="linear", depth_sampling="per-batch", prelude_norm=False),
+        "parcae": dict(loop, injection="parcae", depth_sampling="per-sequence", prelude_norm=True),
+    }
+    if name not in table:
+        raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+    return table[name]
+
+
+def run_settings(preset, model, lr, tokens, data_dir, out_dir, overrides=(), save_checkpoint=False):
+    """All the train.py settings of one run: preset, model, rate and a token budget."""
+    s = dict(preset["train"], **model_settings(model, preset))
+    s.update(overrides)        # --set key=value from the command line, before the budget is turned into steps
+    per_step = s["batch_size"] * s["grad_accum_steps"] * s["block_size"]
+    max_iters = max(1, round(tokens / per_step))
+    s.update(data_dir=data_dir, out_dir=out_dir, lr=lr, max_iters=max_iters, save_checkpoint=save_checkpoint,
+             eval_interval=max(1, max_iters // preset["evals"]), eval_loops=[preset["mean_loops"]])
+    return s
+
+
+def tokens_of(settings):
+    return settings["max_iters"] * settings["batch_size"] * settings["grad_accum_steps"] * settings["block_size"]
+
+
+def build_config(settings, vocab_size):
+    fields = GPTConfig.__dataclass_fields__
+    return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in settings.items() if k in fields and k != "vocab_size"})
+
+
+def model_size(settings, vocab_size):
+    """Parameters and training FLOPs per token, from a model built on the meta device (no memory)."""
+    config = build_config(settings, vocab_size)
+    key = repr(config)
+    if key not in _sizes:       # a build still takes 0.2 s, and the scripts ask after every run
+        with torch.device("meta"):
+            model = GPT(config)
+        _sizes[key] = model.num_params(), model.flops_per_token()
+    return _sizes[key]
+
+
+_sizes = {}
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: --data_dir must be a folder made by prepare.py")
+    with open(path) as f:
+        meta = json.load(f)
+    meta.setdefault("train_tokens", os.path.getsize(os.path.join(data_dir, "train.bin")) // 2)
+    return meta
+
+
+def fmt_tokens(n):
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e3 else str(n)
+
+
+# -----------------------------------------------------------------------------
+# the command line every script shares
+
+
+def parser(description):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True, help="a folder with train.bin, val.bin, meta.json (prepare.py)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size and budgets")
+    p.add_argument("--work_dir", help="where the runs' out_dirs go (default out/bench/<preset>)")
+    p.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"), help="JSON, Markdown, PNG")
+    p.add_argument("--parallel", type=int, help="train.py runs at a time (default: the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a train.py setting in every run, e.g. --set batch_size=16 (repeatable)")
+    p.add_argument("--dry_run", action="store_true", help="print the commands and the token budget, run nothing")
+    return p
+
+
+def finish_args(args):
+    args.preset_name, args.preset = args.preset, PRESETS[args.preset]
+    args.work_dir = args.work_dir or os.path.join(ROOT, "out", "bench", args.preset_name)
+    args.parallel = args.parallel or args.preset["parallel"]
+    args.overrides = {}
+    for item in args.set:
+        key, _, text = item.partition("=")
+        try:
+            args.overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            args.overrides[key] = text
+    args.meta = read_meta(args.data_dir)
+    os.makedirs(args.results_dir, exist_ok=True)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# running train.py
+
+
+def train_command(settings):
+    def text(v):
+        # a bare word reads back as the same string in train.py; anything else goes as a literal
+        if isinstance(v, str):
+            try:
+                ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                return v
+        return repr(v)
+    return [sys.executable, os.path.join(ROOT, "train.py")] + [f"--{k}={text(v)}" for k, v in settings.items()]
+
+
+def read_metrics(out_dir):
+    """metrics.jsonl as (training lines, evaluation lines, skipped-step lines)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    train, evals, skipped = [], [], []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue    # a line cut off when the run was killed
+                (evals if "val_loss" in r else skipped if r.get("skipped") else train).append(r)
+    return train, evals, skipped
+
+
+def run_status(out_dir):
+    """What runner() recorded: {"status": finished | diverged | failed, ...}, or None if it never ended."""
+    path = os.path.join(out_dir, "run.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def classify(returncode, out_dir, max_iters):
+    """finished (the final evaluation is logged), diverged (train.py stopped on a non-finite loss) or failed."""
+    _, evals, _ = read_metrics(out_dir)
+    if returncode == 0 and evals and evals[-1]["step"] == max_iters:
+        return "finished"
+    with open(os.path.join(out_dir, "train.log"), errors="replace") as f:
+        log = f.read()
+    # train.py's own words when the training or validation loss is nan or inf
+    if "stopped at step" in log and ("not finite" in log or "training loss is" in log):
+        return "diverged"
+    return "failed"
+
+
+def run_all(runs, parallel, dry_run=False, on_finish=None):
+    """
+    Run train.py for every (name, settings) in `runs`, `parallel` at a time, each in its own
+    settings["out_dir"] with its output in train.log. A run already ended with the same settings
+    (its run.json says finished or diverged) is skipped, so an interrupted bench resumes.
+    Prints one line per ended run and calls on_finish(name) after each.
+    """
+    todo = []
+    for name, s in runs:
+        done = run_status(s["out_dir"])
+        if done and done["settings"] == s and done["status"] in ("finished", "diverged"):
+            print(f"  {name}: {done['status']} earlier, skipped")
+        else:
+            todo.append((name, s))
+    if dry_run:
+        for name, s in todo:
+            print(shlex.join(train_command(s)))
+        return
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the GPU box has 16 cores: share them, unless the caller chose; and let the CUDA
+    # allocator grow segments rather than strand reserved memory (8 runs share one GPU)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 16) // parallel)))
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    queue, active, n_done = deque(todo), {}, 0
+    # a SIGTERM (a time limit) should stop our train.py processes too, not orphan them
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        while queue or active:
+            while queue and len(active) < parallel:
+                name, s = queue.popleft()
+                os.makedirs(s["out_dir"], exist_ok=True)
+                for stale in ("run.json", "metrics.jsonl"):
+                    if os.path.exists(os.path.join(s["out_dir"], stale)):
+                        os.remove(os.path.join(s["out_dir"], stale))
+                log = open(os.path.join(s["out_dir"], "train.log"), "w")
+                cmd = train_command(s)
+                log.write(shlex.join(cmd) + "\n")
+                log.flush()
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                active[name] = (proc, s, log, time.time())
+            time.sleep(0.2)
+            for name, (proc, s, log, t0) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del active[name]
+                n_done += 1
+                status = classify(proc.returncode, s["out_dir"], s["max_iters"])
+                wall = time.time() - t0
+                with open(os.path.join(s["out_dir"], "run.json"), "w") as f:
+                    json.dump({"status": status, "returncode": proc.returncode, "wall_s": round(wall, 1),
+                               "settings": s}, f, indent=1)
+                print(f"[{n_done}/{len(todo)}] {name}: {status} in {wall:.0f} s, {progress_note(s['out_dir'])}",
+                      flush=True)
+                if status == "failed":
+                    print("    " + "\n    ".join(tail(os.path.join(s["out_dir"], "train.log"))), flush=True)
+                if on_finish:
+                    on_finish(name)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc, _, log, _ in active.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+
+
+def progress_note(out_dir):
+    train, evals, _ = read_metrics(out_dir)
+    note = f"step {train[-1]['step']} loss {train[-1]['loss']:.3f}" if train else "no step logged"
+    if evals:
+        note += " | val " + ", ".join(f"{v:.3f} at {k} loops" for k, v in evals[-1]["val_loss"].items()
+                                      if v is not None)
+    return note
+
+
+def tail(path, n=6):
+    with open(path, errors="replace") as f:
+        return [line.rstrip() for line in f.readlines()[-n:]]
+
+
+def print_plan(runs, meta, what, preset, parallel):
+    tokens = [tokens_of(s) for _, s in runs]
+    epochs = max(tokens) / meta["train_tokens"] if tokens else 0
+    print(f"{what}: {len(runs)} runs, {fmt_tokens(sum(tokens))} training tokens in all "
+          f"(at most {fmt_tokens(max(tokens, default=0))} per run, {epochs:.1f} epochs of the training split)")
+    if "tokens_per_sec" in preset and runs:
+        # the measured rate over all runs at once, plus ~15 s to start each wave of runs
+        print(f"  about {sum(tokens) / preset['tokens_per_sec'] + 15 * math.ceil(len(runs) / parallel):.0f} s "
+              f"on one H200 ({fmt_tokens(preset['tokens_per_sec'])} tokens/s over all runs)")
+    if epochs > 4:
+        print(f"  warning: a run sees the training data {epochs:.1f} times")
+
+
+# -----------------------------------------------------------------------------
+# read-outs of one run
+
+
+def count_spikes(losses, margin=0.5, beta=0.9):
+    """
+    Loss spikes: a logged training loss more than `margin` nats above the exponential
+    moving average (weight `beta` on the past) of the losses logged before it. Consecutive
+    points above count as one spike. The EMA lags *above* a falling loss, so the fast drop
+    at the start of training never counts.
+    """
+    spikes, ema, inside = 0, None, False
+    for x in losses:
+        if ema is not None:
+            above = x > ema + margin
+            spikes += above and not inside
+            inside = above
+        ema = x if ema is None else beta * ema + (1 - beta) * x
+    return spikes
+
+
+def final_val_loss(evals, mean_loops):
+    """The last evaluation's loss at mean_loops (the Transformer's at its single pass), or None."""
+    if not evals:
+        return None
+    val = evals[-1]["val_loss"]
+    v = val.get(str(mean_loops), next(iter(val.values())))
+    return v if v is not None and math.isfinite(v) else None
+
+
+def summarize(out_dir, settings, spike_margin=0.5):
+    """
+    One run as a dict: its status, the curves (train loss, ‖h_T‖, max Ā, gradient norm, val
+    loss), the number of spikes, the final validation loss, and whether it diverged: train.py
+    stopped on a non-finite loss, or the run ends above its initial loss.
+    """
+    done = run_status(out_dir)
+    if not done or done["settings"] != settings:    # not ended, or left by a run with other settings
+        done = {"status": "not run"}
+    train, evals, skipped = read_metrics(out_dir) if done["status"] != "not run" else ([], [], [])
+    train = [r for r in train if r.get("loss") is not None]
+    losses = [r["loss"] for r in train]
+    val = final_val_loss(evals, settings["mean_loops"] if "mean_loops" in settings else 1)
+    initial = losses[0] if losses else None
+    ends_above = initial is not None and (losses[-1] > initial or (val is not None and val > initial))
+    norms = [r["state_norm"] for r in train if r.get("state_norm") is not None]
+    a_max = [r["a_max"] for r in train if r.get("a_max") is not None]
+    return {
+        "status": done["status"],
+        "diverged": done["status"] == "diverged" or (done["status"] == "finished" and ends_above),
+        "spikes": count_spikes(losses, spike_margin),
+        "skipped_steps": len(skipped),
+        "initial_loss": initial, "last_loss": losses[-1] if losses else None,
+        "final_val_loss": val if done["status"] == "finished" else None,
+        "steps_done": (settings["max_iters"] if done["status"] == "finished" else train[-1]["step"] if train else 0),
+        "max_iters": settings["max_iters"],
+        "max_state_norm": max(norms) if norms else None, "final_state_norm": norms[-1] if norms else None,
+        "max_a_max": max(a_max) if a_max else None, "final_a_max": a_max[-1] if a_max else None,
+        "wall_s": done.get("wall_s"),
+        "curve": {k: [r.get(k) for r in train] for k in ("step", "loss", "state_norm", "a_max", "grad_norm")},
+        "val_curve": {"step": [r["step"] for r in evals],
+                      "loss": [final_val_loss([r], settings.get("mean_loops", 1)) for r in evals]},
+    }
+
+
+def write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def fmt(x, spec=".3f"):
+    return "–" if x is None else format(x, spec)

@@ -1,0 +1,209 @@
+"""
+The benchmark scripts, end to end on the CPU with the tiny preset and a synthetic dataset:
+they launch real train.py runs and write well-formed JSON, Markdown and PNG files. Also
+their two pieces of arithmetic: the spike counter and the exponential fit of L(T).
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import common  # noqa: E402
+import loops  # noqa: E402
+import quality  # noqa: E402
+import stability  # noqa: E402
+
+SWEEP_MODELS, RATES = ["gpt", "parcae"], [2e-3, 16e-3]
+QUALITY_MODELS = ["gpt", "gpt_2x", "parcae"]
+
+# -----------------------------------------------------------------------------
+# the arithmetic
+
+
+def test_a_falling_loss_has_no_spikes():
+    losses = 3 + 8 * np.exp(-np.arange(100) / 10) + 0.05 * np.sin(np.arange(100))
+    assert common.count_spikes(losses) == 0
+
+
+def test_an_injected_spike_counts_once_even_when_it_lasts():
+    losses = list(3 + 8 * np.exp(-np.arange(100) / 10))
+    one = losses.copy()
+    one[60] += 1.0
+    assert common.count_spikes(one) == 1
+    long = losses.copy()
+    for i in range(60, 64):        # four logged points above: still one spike
+        long[i] += 1.0
+    assert common.count_spikes(long) == 1
+    two = one.copy()
+    two[80] += 1.0
+    assert common.count_spikes(two) == 2
+    assert common.count_spikes(one, margin=2.0) == 0     # below the margin it is noise
+
+
+def test_the_fit_recovers_a_known_saturating_exponential():
+    T = np.array([1, 2, 4, 6, 8, 12, 16, 24, 32])
+    fit = loops.fit_exponential(T, 3.2 + 1.5 * np.exp(-0.4 * T))
+    assert fit["L_inf"] == pytest.approx(3.2, abs=1e-3)
+    assert fit["Z"] == pytest.approx(1.5, rel=1e-2)
+    assert fit["z"] == pytest.approx(0.4, rel=1e-2)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_fit_of_noisy_or_flat_points_is_finite_with_r2_at_most_one():
+    T = np.array([1, 2, 4, 8, 16, 32])
+    noisy = 3 + np.exp(-0.3 * T) + np.random.default_rng(0).normal(0, 0.02, len(T))
+    for L in (noisy, np.full(len(T), 3.0)):
+        fit = loops.fit_exponential(T, L)
+        assert all(math.isfinite(fit[k]) for k in ("L_inf", "Z", "z", "r2"))
+        assert fit["r2"] <= 1.0
+
+
+def write_run(out_dir, losses, status, val=None, max_iters=None):
+    os.makedirs(out_dir)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
+        for i, x in enumerate(losses):
+            f.write(json.dumps({"step": 5 * i, "loss": x, "state_norm": 10.0 + i, "a_max": 0.5}) + "\n")
+        if val is not None:
+            f.write(json.dumps({"step": max_iters, "val_loss": {"4": val}}) + "\n")
+    settings = {"max_iters": max_iters or 5 * len(losses), "mean_loops": 4}
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump({"status": status, "settings": settings, "wall_s": 1.0}, f)
+    return settings
+
+
+def test_a_run_diverged_if_it_stopped_on_a_nan_or_ends_above_its_initial_loss(tmp_path):
+    s = write_run(tmp_path / "nan", [11.0, 9.0, 30.0], "diverged")
+    assert common.summarize(str(tmp_path / "nan"), s)["diverged"] is True
+    s = write_run(tmp_path / "up", [11.0, 6.0, 11.5], "finished", val=11.4, max_iters=15)
+    r = common.summarize(str(tmp_path / "up"), s)
+    assert r["diverged"] is True and r["spikes"] == 1
+    s = write_run(tmp_path / "ok", [11.0, 6.0, 5.0], "finished", val=4.9, max_iters=15)
+    r = common.summarize(str(tmp_path / "ok"), s)
+    assert r["diverged"] is False and r["final_val_loss"] == 4.9 and r["max_state_norm"] == 12.0
+
+
+def test_train_py_stopping_on_a_nan_is_a_divergence_and_a_traceback_a_failure(tmp_path):
+    os.makedirs(tmp_path / "a")
+    (tmp_path / "a" / "train.log").write_text("step 0 | loss 11.0\nstopped at step 7: the training loss is nan "
+                                              "(no checkpoint was saved)\n")
+    assert common.classify(1, str(tmp_path / "a"), 100) == "diverged"
+    os.makedirs(tmp_path / "b")
+    (tmp_path / "b" / "train.log").write_text("Traceback (most recent call last):\ntorch.OutOfMemoryError: ...\n")
+    assert common.classify(1, str(tmp_path / "b"), 100) == "failed"
+
+# -----------------------------------------------------------------------------
+# end to end: stability -> quality -> loops, tiny preset, real train.py runs
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A char-level toy corpus: a repeating pattern with 20 % noise, so the loss falls fast."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    pattern = np.tile(np.arange(40) % 13 + 3, 2_000)
+    tokens = np.where(rng.random(pattern.size) < 0.2, rng.integers(0, 64, pattern.size), pattern).astype(np.uint16)
+    tokens[:70_000].tofile(folder / "train.bin")
+    tokens[70_000:].tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": 64, "tokenizer": "char", "eot_token": 0}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def bench(data_dir, tmp_path_factory):
+    """Runs the three scripts once, in order, as a user would; returns their folders and results."""
+    root = tmp_path_factory.mktemp("bench")
+    common_args = ["--data_dir", data_dir, "--preset", "tiny", "--work_dir", str(root / "work"),
+                   "--results_dir", str(root / "results"), "--parallel", "2"]
+    sweep = stability.main(common_args + ["--models", *SWEEP_MODELS, "--rates", *map(str, RATES)])
+    qual = quality.main(common_args + ["--models", *QUALITY_MODELS, "--reuse_sweep"])
+    depth = loops.main(common_args)
+    return {"args": common_args, "results": root / "results", "work": root / "work",
+            "stability": sweep, "quality": qual, "loops": depth}
+
+
+def test_the_sweep_has_one_well_formed_entry_per_model_and_rate(bench):
+    with open(bench["results"] / "stability.json") as f:
+        sweep = json.load(f)
+    assert sorted((r["model"], r["lr"]) for r in sweep["runs"]) == sorted(
+        (m, lr) for m in SWEEP_MODELS for lr in RATES)
+    for r in sweep["runs"]:
+        assert r["status"] == "finished"
+        assert type(r["diverged"]) is bool and type(r["spikes"]) is int
+        assert math.isfinite(r["final_val_loss"]) and r["final_val_loss"] < r["initial_loss"]
+        assert len(r["curve"]["step"]) == len(r["curve"]["loss"]) > 1
+        assert r["params"] > 0 and r["flops_per_token"] > 0
+        looped = r["model"] == "parcae"
+        assert (r["max_state_norm"] is not None) == looped
+        if looped:
+            assert 0 < r["max_a_max"] < 1         # Parcae's Ā stays in (0, 1)
+    for name in ("stability_loss.png", "stability_state.png"):
+        assert (bench["results"] / name).stat().st_size > 1000
+    table = (bench["results"] / "stability.md").read_text()
+    for m in SWEEP_MODELS:
+        for lr in RATES:
+            assert table.count(f"| {m} | {lr:g} |") == 1
+
+
+def test_a_second_sweep_skips_the_runs_that_ended(bench, capsys):
+    capsys.readouterr()
+    again = stability.main(bench["args"] + ["--models", *SWEEP_MODELS, "--rates", *map(str, RATES)])
+    out = capsys.readouterr().out
+    assert out.count("earlier, skipped") == len(SWEEP_MODELS) * len(RATES)
+    assert "[1/" not in out                       # nothing was trained
+    assert [r["final_val_loss"] for r in again["runs"]] == [r["final_val_loss"] for r in bench["stability"]["runs"]]
+
+
+def test_quality_reuses_the_sweep_and_compares_at_each_budget(bench):
+    with open(bench["results"] / "quality.json") as f:
+        q = json.load(f)
+    budgets = common.PRESETS["tiny"]["budgets"]
+    assert q["budgets"] == budgets
+    assert sorted((r["model"], r["budget"]) for r in q["runs"]) == sorted(
+        (m, b) for m in QUALITY_MODELS for b in budgets)
+    best = stability.best_rates(bench["stability"])
+    for r in q["runs"]:
+        assert r["status"] == "finished" and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["lr"] == best["gpt" if r["model"] == "gpt_2x" else r["model"]]["lr"]
+        # the sweep ran the first budget of gpt and parcae already; gpt_2x and the second budget are new
+        assert r["reused_sweep_run"] == (r["budget"] == budgets[0] and r["model"] != "gpt_2x")
+        assert r["train_flops"] == r["flops_per_token"] * r["tokens"]
+        if r["model"] == "gpt":
+            assert r["ppl_ratio_to_gpt"] == 1.0 and r["relative_quality"] is None
+        if r["model"] == "parcae":
+            assert math.isfinite(r["relative_quality"]) and r["flops_ratio_to_gpt"] > 1
+    assert (bench["results"] / "quality.png").stat().st_size > 1000
+    assert len([line for line in (bench["results"] / "quality.md").read_text().splitlines()
+                if line.startswith("| ") and "model" not in line]) == len(q["runs"])
+
+
+def test_loops_evaluates_every_depth_and_fits_the_curve(bench):
+    with open(bench["results"] / "loops.json") as f:
+        depth = json.load(f)
+    preset = common.PRESETS["tiny"]
+    assert [m["model"] for m in depth["models"]] == ["parcae"]    # the looped model of the largest budget
+    m = depth["models"][0]
+    assert sorted(map(int, m["losses"])) == preset["loops"]
+    assert all(math.isfinite(v) for v in m["losses"].values())
+    fit = m["fit"]
+    assert all(math.isfinite(fit[k]) for k in ("L_inf", "Z", "z", "r2")) and fit["r2"] <= 1
+    # the same batches as training's own evaluation: at T = μ_rec it is the run's final val loss
+    q = next(r for r in bench["quality"]["runs"] if r["model"] == "parcae" and r["budget"] == max(preset["budgets"]))
+    assert m["losses"][str(preset["mean_loops"])] == pytest.approx(q["val_loss"], abs=1e-4)
+    assert (bench["results"] / "loops.png").stat().st_size > 1000
+    assert "| parcae |" in (bench["results"] / "loops.md").read_text()
+
+
+def test_a_dry_run_prints_the_commands_and_trains_nothing(data_dir, tmp_path, capsys):
+    stability.main(["--data_dir", data_dir, "--preset", "tiny", "--work_dir", str(tmp_path / "work"),
+                    "--results_dir", str(tmp_path / "results"), "--dry_run", "--set", "batch_size=8"])
+    out = capsys.readouterr().out
+    n = len(common.SWEEP_MODELS) * len(common.PRESETS["tiny"]["rates"])
+    assert out.count("train.py --") == n and f"{n} runs" in out
+    # --set applies before the token budget becomes steps: twice the batch, half the steps
+    assert out.count("--batch_size=8 ") == n and out.count("--max_iters=10 ") == n
+    assert not (tmp_path / "work").exists()
