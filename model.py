@@ -292,11 +292,8 @@ class GPT(nn.Module):
         return T.sort(descending=True).values.expand(batch_size)
 
     def forward(self, idx, targets=None, loops=None, depths=None, cache=None):
-        """
-        idx, targets: (B, L) token ids. Depth: `depths` (B,) if given, else `loops` for every
-        sequence, else (training) sampled by `sample_depths`, else (evaluation) mean_loops.
-        Returns (logits, loss); loss is None without targets.
-        """
+        """idx, targets: (B, L) token ids; returns (logits, loss or None). Depth: `depths` (B,) if given,
+        else `loops` for every sequence, else sampled (training) or mean_loops (evaluation)."""
         c = self.config
         B, L = idx.shape
         pos = cache.start(L) if cache is not None else 0
@@ -374,12 +371,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stability_stats(self):
-        """
-        ‖h‖ after each step of the last forward's loop (mean per-token L2 norm over the
-        sequences running at that step), its last value ‖h_T‖, the last-step residual
-        ‖h_T - h_(T-1)‖ / ‖h_T‖, and max / mean of Ā (for "linear": the top singular value
-        of W_x; for "add": 1). Empty for the plain Transformer.
-        """
+        """‖h‖ after each step of the last forward's loop (mean per-token L2 norm over the sequences
+        running at that step), its last value ‖h_T‖, the last-step residual ‖h_T - h_(T-1)‖ / ‖h_T‖,
+        and max / mean of Ā (for "linear": W_x's top singular value; "add": 1). {} without a loop."""
         if not self.config.looped or not self.last_state:
             return {}
         norms = [n.item() for n in self.last_state["norms"]]
@@ -392,11 +386,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None):
-        """
-        Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times
-        (default mean_loops). The KV cache holds one slot per layer application, so each
-        new token costs one pass of one position through prelude, loops × core and coda.
-        """
+        """Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times (default
+        mean_loops). With the KV cache each new token costs one position through every layer application."""
         was_training = self.training
         self.eval()
         c = self.config
@@ -473,12 +464,9 @@ def peak_flops(device=None):
 
 
 class KVCache:
-    """
-    Keys and values of every layer application, one slot each: prelude layer i, core
-    layer j at iteration r, coda layer i. A forward hands the slots out in the order its
-    layers run, so the model needs no bookkeeping; memory grows linearly with the loops.
-    Takes a prompt at position 0, then one token at a time.
-    """
+    """Keys and values of every layer application (prelude layer i, core layer j at iteration r,
+    coda layer i), one slot each, handed out in the order the layers run: memory grows linearly
+    with the loops. Takes a prompt at position 0, then one token at a time."""
 
     def __init__(self, n_slots, max_len):
         self.n_slots, self.max_len, self.k, self.v = n_slots, max_len, None, None
