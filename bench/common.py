@@ -200,13 +200,17 @@ def read_metrics(out_dir):
     return train, evals, skipped
 
 
-def run_status(out_dir):
-    """What runner() recorded: {"status": finished | diverged | failed, ...}, or None if it never ended."""
-    path = os.path.join(out_dir, "run.json")
+def read_json(path):
+    """The JSON file at path, or None if there is none."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def run_status(out_dir):
+    """What runner() recorded: {"status": finished | diverged | failed, ...}, or None if it never ended."""
+    return read_json(os.path.join(out_dir, "run.json"))
 
 
 def classify(returncode, out_dir, max_iters):

@@ -20,7 +20,6 @@ quality with compute, so an equal-parameter win is not an equal-FLOP win.
 budget keep a checkpoint for bench/loops.py. Writes quality.json, quality.md, quality.png.
 """
 
-import json
 import math
 import os
 
@@ -44,7 +43,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=8e-3, help="the rate of a model the sweep has no rate for")
     args = common.finish_args(p.parse_args(argv))
     budgets = sorted(args.budgets or args.preset["budgets"])
-    sweep = read_sweep(args.results_dir)
+    sweep = common.read_json(os.path.join(args.results_dir, "stability.json"))
     rates = {m: pick_rate(m, sweep, args.lr) for m in args.models}
 
     runs = []     # (name, model, budget, settings, reused sweep run or None)
@@ -78,14 +77,6 @@ def main(argv=None):
     plot(results, os.path.join(args.results_dir, "quality.png"))
     print(markdown(results))
     return results
-
-
-def read_sweep(results_dir):
-    path = os.path.join(results_dir, "stability.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def pick_rate(model, sweep, default):

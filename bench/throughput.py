@@ -14,7 +14,6 @@ with backprop_loops 4, and generation with the KV cache at 1, 8 and 16 loops.
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
