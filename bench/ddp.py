@@ -3,6 +3,7 @@ Multi-GPU scaling: the same training at 1, 2, 4, 8 GPUs with the same global bat
 
     python bench/ddp.py --data_dir data/fineweb-edu                 # every GPU count this node has
     python bench/ddp.py --gpus 1 2 --models parcae_350m --steps 100
+    python bench/ddp.py --device cpu --gpus 1 2 --set n_embd=64 block_size=64 ...   # the logic, on a CPU
 
 For each config and GPU count it runs `torchrun --nproc_per_node=N train.py config/<model>.py`
 with the same global batch (batch_size × grad_accum_steps sequences, split among the ranks),
@@ -22,6 +23,8 @@ import statistics
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,7 +38,8 @@ def torchrun(n_gpus, model, out_dir, args, extra=()):
            os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", model + ".py"),
            f"--data_dir={args.data_dir}", f"--out_dir={out_dir}", f"--max_iters={args.steps}",
            f"--batch_size={args.batch_size}", f"--grad_accum_steps={args.micro_steps}",
-           f"--eval_interval={args.steps}", "--eval_iters=8", "--eval_loops=[8]", "--log_interval=5", *extra]
+           f"--eval_interval={args.steps}", "--eval_iters=8", "--eval_loops=[8]", "--log_interval=5", f"--device={args.device}",
+           *(f"--{kv}" for kv in args.set), *extra]
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n_gpus))}
     os.makedirs(out_dir, exist_ok=True)
@@ -55,11 +59,11 @@ def summarize(records, skip_frac=0.3):
             "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)}
 
 
-def main():
-    import torch
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    available = torch.cuda.device_count()
-    parser.add_argument("--gpus", type=int, nargs="+", default=[n for n in (1, 2, 4, 8) if n <= available])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: one gloo process per 'GPU', to check the logic without GPUs")
+    parser.add_argument("--gpus", type=int, nargs="+", help="process counts (default: 1, 2, 4, 8 up to the GPUs here)")
     parser.add_argument("--models", nargs="+", default=["gpt_350m", "parcae_350m"])
     parser.add_argument("--data_dir", default="data/fineweb-edu")
     parser.add_argument("--steps", type=int, default=200)
@@ -69,13 +73,16 @@ def main():
     parser.add_argument("--resume_steps", type=int, default=20)
     parser.add_argument("--work_dir", default="out/bench-ddp")
     parser.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"))
-    args = parser.parse_args()
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more train.py settings for every run")
+    args = parser.parse_args(argv)
+    available = torch.cuda.device_count() if args.device == "cuda" else os.cpu_count()
+    args.gpus = args.gpus or [n for n in (1, 2, 4, 8) if n <= available]
     if not args.gpus or max(args.gpus) > available:
         raise SystemExit(f"this node has {available} GPU(s); --gpus asks for {args.gpus}")
     if any(args.micro_steps % n for n in args.gpus):
         raise SystemExit(f"--micro_steps={args.micro_steps} must be a multiple of every GPU count in {args.gpus}")
 
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
+    results = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "steps": args.steps,
                "global_batch": f"{args.batch_size * args.micro_steps} sequences", "runs": {}}
     for model in args.models:
         for n in args.gpus:
@@ -95,7 +102,7 @@ def main():
         # a checkpoint written by the largest run continues on one GPU
         largest = os.path.join(args.work_dir, f"{model}-{max(args.gpus)}gpu")
         torchrun(1, model, largest, args, [f"--max_iters={args.steps + args.resume_steps}", "--init_from=resume"])
-        after = [r for r in read_metrics(largest) if "loss" in r and r["step"] > args.steps]
+        after = [r for r in read_metrics(largest) if "loss" in r and r["step"] >= args.steps]
         results["runs"][f"{model} {max(args.gpus)}"]["resumed_on_1_gpu"] = {r["step"]: r["loss"] for r in after}
         print(f"{model}: resumed the {max(args.gpus)}-GPU checkpoint on 1 GPU, losses "
               + ", ".join(f"{r['loss']:.3f}" for r in after), flush=True)
@@ -113,6 +120,7 @@ def main():
     with open(os.path.join(args.results_dir, "ddp.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return results
 
 
 if __name__ == "__main__":

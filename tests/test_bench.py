@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import common  # noqa: E402
+import ddp  # noqa: E402
 import loops  # noqa: E402
 import quality  # noqa: E402
 import stability  # noqa: E402
@@ -207,3 +208,19 @@ def test_a_dry_run_prints_the_commands_and_trains_nothing(data_dir, tmp_path, ca
     # --set applies before the token budget becomes steps: twice the batch, half the steps
     assert out.count("--batch_size=8 ") == n and out.count("--max_iters=10 ") == n
     assert not (tmp_path / "work").exists()
+
+
+def test_the_ddp_bench_runs_with_two_cpu_processes_and_their_losses_agree(tiny_data, tmp_path):
+    """bench/ddp.py's logic on gloo: the same global batch on 1 and 2 processes gives the same
+    losses (each micro-batch depends only on its index), and a 2-process checkpoint resumes on 1."""
+    results = ddp.main(["--device", "cpu", "--gpus", "1", "2", "--models", "parcae_140m", "--steps", "10",
+                        "--batch_size", "2", "--micro_steps", "2", "--resume_steps", "5",
+                        "--data_dir", str(tiny_data), "--work_dir", str(tmp_path / "work"),
+                        "--results_dir", str(tmp_path / "results"), "--set", "n_embd=32", "n_head=2",
+                        "block_size=32", "n_prelude=1", "n_core=1", "n_coda=1", "mean_loops=2",
+                        "backprop_loops=1", "eval_iters=2", "compile=False"])
+    one, two = results["runs"]["parcae_140m 1"], results["runs"]["parcae_140m 2"]
+    assert sorted(one["losses"]) == sorted(two["losses"]) == [0, 5]
+    assert two["max_loss_gap"] < 1e-4 and one["scaling_efficiency"] == 1.0
+    assert sorted(two["resumed_on_1_gpu"]) == [10]
+    assert (tmp_path / "results" / "ddp.md").read_text().count("| parcae_140m |") == 2
