@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.throughput import MaskedLoopGPT
-from model import GPT, GPTConfig, KVCache, ParcaeInjection
+from model import GPT, GPTConfig, KVCache, ParcaeInjection, apply_rotary, rotary_tables
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
 
@@ -34,6 +34,23 @@ def count_core_calls(model):
     calls = []
     model.core[0].register_forward_hook(lambda mod, args, out: calls.append((args[0].size(0), torch.is_grad_enabled())))
     return calls
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def test_rotary_embedding_rotates_interleaved_pairs_and_keeps_only_relative_position():
+    cos, sin = rotary_tables(head_dim=8, max_len=40)
+    assert torch.allclose(cos[1, 1], torch.tensor(math.cos(50_000 ** (-2 / 8))))     # base 50,000
+    q, k = torch.randn(2, 1, 1, 1, 8).unbind(0)
+    rot = lambda x, p: apply_rotary(x, cos[p:p + 1], sin[p:p + 1])
+    # channels 2i and 2i+1 rotate together as one complex number
+    x = torch.zeros(1, 1, 1, 8)
+    x[..., 2] = 1.0
+    assert torch.allclose(rot(x, 3)[..., 2:4].flatten(), torch.stack([cos[3, 1], sin[3, 1]]), atol=1e-6)
+    # q·k depends on the distance between the positions only
+    assert torch.allclose((rot(q, 5) * rot(k, 2)).sum(), (rot(q, 30) * rot(k, 27)).sum(), atol=1e-5)
+
 
 # -----------------------------------------------------------------------------
 # the Parcae injection
