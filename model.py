@@ -17,6 +17,7 @@ sampling with truncated backprop through depth, a KV cache that spans the loops.
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -159,7 +160,7 @@ class LinearInjection(nn.Module):
         nn.init.trunc_normal_(self.W.weight, std=sigma, a=-3 * sigma, b=3 * sigma)
 
     def forward(self, h, e):
-        return self.W(torch.cat([h.type_as(e), e], dim=-1))
+        return self.W(torch.cat([h, e.type_as(h)], dim=-1)).type_as(h)    # the state keeps its dtype
 
     def transition_stats(self):
         W_x = self.W.weight.detach()[:, : self.W.out_features].float()
@@ -206,10 +207,12 @@ class GPTConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+        if self.n_head < 1 or self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
-        if self.mean_loops < 1 or self.backprop_loops < 1:
-            raise ValueError("mean_loops and backprop_loops must be at least 1")
+        if self.n_embd < 32:
+            raise ValueError(f"n_embd={self.n_embd} is too small: the value-embedding gate reads 32 channels")
+        if self.looped and min(self.n_core, self.mean_loops, self.backprop_loops) < 1:
+            raise ValueError("a looped model needs n_core, mean_loops and backprop_loops of at least 1")
 
     @property
     def looped(self):
@@ -308,10 +311,12 @@ class GPT(nn.Module):
             if depths is None and loops is None and self.training:
                 depths = self.sample_depths(B)
             elif depths is None:
-                depths = torch.full((B,), loops or c.mean_loops)
+                depths = torch.full((B,), c.mean_loops if loops is None else loops)
             depths = torch.as_tensor(depths).cpu()
-            if depths.min() < 1:
-                raise ValueError(f"every sequence needs at least one loop, got depths {depths.tolist()}")
+            if depths.shape != (B,) or depths.min() < 1:
+                raise ValueError(f"need one depth of at least 1 per sequence, got {depths.tolist()} for {B}")
+            if cache is not None and depths.min() != depths.max():
+                raise ValueError("the KV cache needs the same number of loops for every sequence")
             n_grad = c.backprop_loops if self.training else int(depths.max())
             h = self.recur(self.prelude_norm(x), idx, depths, n_grad, cos, sin, cache)
             x = self.C(h).type_as(x)      # the residual stream keeps its dtype (fp32 under autocast)
@@ -391,7 +396,7 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         c = self.config
-        loops = loops or c.mean_loops
+        loops = c.mean_loops if loops is None else loops
         cache = KVCache(c.n_prelude + (loops if c.looped else 1) * c.n_core + c.n_coda, c.block_size)
         context = idx[:, -c.block_size:]        # the prompt is prefilled in one pass
         for _ in range(max_new_tokens):
@@ -451,7 +456,7 @@ class GPT(nn.Module):
 
 
 # dense bf16 peak rates (no sparsity) from the vendors' datasheets
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2250e12,
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "B200": 2250e12,
                    "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
                    "RTX 4090": 165e12, "RTX 3090": 71e12}
 
@@ -460,7 +465,8 @@ def peak_flops(device=None):
     if not torch.cuda.is_available() or torch.device(device or "cuda").type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((rate for gpu, rate in PEAK_BF16_FLOPS.items() if gpu in name), None)
+    matches = [gpu for gpu in PEAK_BF16_FLOPS if re.search(rf"\b{gpu}\b", name)]    # "L4" is not an "L40S"
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
 class KVCache:

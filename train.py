@@ -79,6 +79,8 @@ log_interval = 50
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))}
 CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "bfloat16", "float32"),
            "compile": ("auto", True, False), "schedule": ("trapezoid", "cosine")}
+AT_LEAST_ONE = {"block_size", "batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
+                "log_interval", "eval_loops"}    # (for eval_loops: each of its entries)
 
 # -----------------------------------------------------------------------------
 # the configurator: defaults <- config file <- --key=value, every value checked
@@ -100,6 +102,9 @@ def check_setting(key, value, where):
                   list: "a list like [1, 2]"}[type(default)]
     if not ok:
         raise SystemExit(f"{where}: {key} must be {wanted}, got {value!r}")
+    if key in AT_LEAST_ONE and not all(type(v) is int and v >= 1 for v in (value if type(value) is list else [value])):
+        raise SystemExit(f"{where}: {key} must be {'whole numbers' if type(value) is list else 'a whole number'} "
+                         f"of at least 1, got {value!r}")
     return float(value) if type(default) is float else value
 
 
@@ -288,7 +293,8 @@ def train(cfg, rank, world, device):
         # with or without a value embedding, gradient, fp32 or bf16 input, one sequence or more
         torch._dynamo.config.recompile_limit = 64
     if world > 1:
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # the rotary tables are constants: no need to broadcast buffers before every forward
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -313,7 +319,7 @@ def train(cfg, rank, world, device):
     for step in range(start_step, cfg.max_iters + 1):
         last = step == cfg.max_iters
         # evaluate and save (not again on the step we resumed at: that happened before)
-        if (step % cfg.eval_interval == 0 or last) and not step == start_step > 0:
+        if (step % cfg.eval_interval == 0 or last) and (step > start_step or start_step == 0):
             t_eval = time.time()
             last_val = evaluate(raw_model, val_data, cfg, rank, world, device, autocast)
             if master:

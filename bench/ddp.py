@@ -3,7 +3,7 @@ Multi-GPU scaling: the same training at 1, 2, 4, 8 GPUs with the same global bat
 
     python bench/ddp.py --data_dir data/fineweb-edu                 # every GPU count this node has
     python bench/ddp.py --gpus 1 2 --models parcae_350m --steps 100
-    python bench/ddp.py --device cpu --gpus 1 2 --set n_embd=64 block_size=64 ...   # the logic, on a CPU
+    python bench/ddp.py --device cpu --gpus 1 2 --set n_embd=64 --set block_size=64 ...   # the logic, on a CPU
 
 For each config and GPU count it runs `torchrun --nproc_per_node=N train.py config/<model>.py`
 with the same global batch (batch_size × grad_accum_steps sequences, split among the ranks),
@@ -73,7 +73,8 @@ def main(argv=None):
     parser.add_argument("--resume_steps", type=int, default=20)
     parser.add_argument("--work_dir", default="out/bench-ddp")
     parser.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"))
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more train.py settings for every run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train.py setting for every run (repeat for more)")
     args = parser.parse_args(argv)
     available = torch.cuda.device_count() if args.device == "cuda" else os.cpu_count()
     args.gpus = args.gpus or [n for n in (1, 2, 4, 8) if n <= available]
@@ -91,7 +92,7 @@ def main(argv=None):
             r = summarize(read_metrics(out_dir))
             r["tokens_per_sec_per_gpu"] = r["tokens_per_sec"] / n
             results["runs"][f"{model} {n}"] = r
-            print(f"{model} on {n} GPU(s): {r['tokens_per_sec'] / 1e3:.1f}k tok/s, "
+            print(f"{model} on {n} {'GPU' if args.device == 'cuda' else 'process'}(es): {r['tokens_per_sec'] / 1e3:.1f}k tok/s, "
                   f"{r['tokens_per_sec_per_gpu'] / 1e3:.1f}k per GPU, peak {r['peak_mem_gb']:.1f} GB", flush=True)
         one = results["runs"][f"{model} {args.gpus[0]}"]
         for n in args.gpus:
@@ -104,7 +105,7 @@ def main(argv=None):
         torchrun(1, model, largest, args, [f"--max_iters={args.steps + args.resume_steps}", "--init_from=resume"])
         after = [r for r in read_metrics(largest) if "loss" in r and r["step"] >= args.steps]
         results["runs"][f"{model} {max(args.gpus)}"]["resumed_on_1_gpu"] = {r["step"]: r["loss"] for r in after}
-        print(f"{model}: resumed the {max(args.gpus)}-GPU checkpoint on 1 GPU, losses "
+        print(f"{model}: resumed the {max(args.gpus)}-process checkpoint on 1 process, losses "
               + ", ".join(f"{r['loss']:.3f}" for r in after), flush=True)
 
     os.makedirs(args.results_dir, exist_ok=True)

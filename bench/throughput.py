@@ -22,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,16 +51,9 @@ class MaskedLoopGPT(GPT):
         return h
 
 
-def read_config(name):
-    """A config file's settings (plain assignments) as a dict."""
-    settings = {}
-    with open(os.path.join(ROOT, "config", name + ".py")) as f:
-        exec(f.read(), {}, settings)
-    return settings
-
-
 def build(name, vocab_size, cls=GPT, **overrides):
-    settings = {**read_config(name), **overrides}
+    """The model of config/<name>.py, read and checked as train.py reads it, on the GPU."""
+    settings = {**train.parse_settings([os.path.join(ROOT, "config", name + ".py")]), **overrides}
     fields = GPTConfig.__dataclass_fields__
     config = GPTConfig(**{k: v for k, v in settings.items() if k in fields}, vocab_size=vocab_size)
     with torch.device("cuda"):        # initialise on the GPU: orthogonal_ of the embeddings is slow on a CPU

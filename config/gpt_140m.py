@@ -1,6 +1,6 @@
 # The parameter-matched Transformer for parcae_140m.py: the same 6 blocks (2/2/2), each run
 # once (injection "none"), with the same data, tokens and optimizer. Parcae at (μ_rec, μ_bwd) = (8, 4)
-# costs ~1.7-1.8× its training FLOPs: the comparison is at equal parameters and data.
+# costs 1.9× its training FLOPs by model.flops_per_token(): the comparison is at equal parameters and data.
 #   torchrun --nproc_per_node=8 train.py config/gpt_140m.py
 out_dir = "out-gpt-140m"
 data_dir = "data/fineweb-edu"

@@ -1,6 +1,6 @@
 # The parameter-matched Transformer for parcae_350m.py: the same 12 blocks (4/4/4), each run
 # once (injection "none"), with the same data, tokens and optimizer. Parcae at (μ_rec, μ_bwd) = (8, 4)
-# costs ~1.7-1.8× its training FLOPs: the comparison is at equal parameters and data.
+# costs 2.1× its training FLOPs by model.flops_per_token(): the comparison is at equal parameters and data.
 #   torchrun --nproc_per_node=8 train.py config/gpt_350m.py
 out_dir = "out-gpt-350m"
 data_dir = "data/fineweb-edu"

@@ -3,7 +3,7 @@
 #   python prepare.py --source fineweb-edu --num_shards 14      # all of sample/10BT, ~10B tokens
 #   torchrun --nproc_per_node=8 train.py config/parcae_350m.py
 #   python sample.py --out_dir=out-parcae-350m --loops 16
-# Token budget: 60,000 steps × 524,288 tokens = 31.5B tokens, ~80 per parameter of the
+# Token budget: 60,000 steps × 524,288 tokens = 31.5B tokens (~3 passes over sample/10BT), ~80 per parameter of the
 # official 388M model (32k vocabulary; GPT-2's 50k vocabulary adds ~126M embedding parameters
 # here, which cost no matmul FLOPs).
 out_dir = "out-parcae-350m"

@@ -315,5 +315,22 @@ def test_flops_count_forward_over_mean_loops_and_backward_over_backprop_loops():
 def test_bad_config_values_are_refused_with_the_choices():
     with pytest.raises(ValueError, match="parcae, linear, add, none"):
         GPTConfig(injection="parcea")
-    with pytest.raises(ValueError, match="heads"):
-        GPTConfig(n_embd=30, n_head=4)
+    for bad in (dict(n_embd=30, n_head=4), dict(n_head=0)):
+        with pytest.raises(ValueError, match="heads"):
+            GPTConfig(**bad)
+    with pytest.raises(ValueError, match="32 channels"):
+        GPTConfig(n_embd=16, n_head=2)
+    with pytest.raises(ValueError, match="n_core, mean_loops and backprop_loops"):
+        GPTConfig(n_core=0)
+
+
+def test_bad_depths_are_refused_instead_of_silently_ignored():
+    model = tiny().eval()
+    x = tokens(B=3)[:, :-1]
+    for depths in ([2, 2], [2, 0, 1]):
+        with pytest.raises(ValueError, match="one depth of at least 1 per sequence"):
+            model(x, depths=torch.tensor(depths))
+    with pytest.raises(ValueError, match="at least 1"):
+        model(x, loops=0)
+    with pytest.raises(ValueError, match="same number of loops"):
+        model(x, depths=torch.tensor([1, 2, 3]), cache=KVCache(8, 64))

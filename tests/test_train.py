@@ -49,8 +49,10 @@ def test_unknown_setting_is_refused_naming_the_nearest_valid_one():
     ("--eval_loops=4", "eval_loops must be a list"),
     ("--compile=yes", "compile must be one of 'auto', True, False"),
     ("--schedule=linear", "schedule must be one of"),
+    ("--batch_size=0", "batch_size must be a whole number of at least 1"),
+    ("--eval_loops=[4, 0]", "eval_loops must be whole numbers of at least 1"),
 ])
-def test_a_value_of_the_wrong_type_is_refused(arg, message):
+def test_a_value_of_the_wrong_type_or_range_is_refused(arg, message):
     with pytest.raises(SystemExit, match=message):
         train.parse_settings([arg])
 
