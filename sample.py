@@ -12,7 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
-from model import GPT, GPTConfig
+import train
 
 
 def main(argv=None):
@@ -32,26 +32,15 @@ def main(argv=None):
         raise SystemExit("--loops must be at least 1")
 
     path = f"{args.out_dir}/ckpt.pt"
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"no checkpoint at {path}: train a model first (python train.py), or pass --out_dir")
-    except Exception as e:
-        raise SystemExit(f"could not read {path} ({type(e).__name__}): it is damaged or not a train.py checkpoint")
-    try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        meta = ckpt["meta"]
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"{path} does not fit this model.py ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         "retrain it with this version of train.py")
+    ckpt = train.load_checkpoint(path)
+    model = train.model_from_checkpoint(ckpt, path)
+    meta = ckpt.get("meta") or {}
+    if "tokenizer" not in meta:
+        raise SystemExit(f"{path} does not say which tokenizer its data used; retrain it with this train.py")
 
     from prepare import load_tokenizer      # here, so that --help works without prepare's dependencies
     encode, decode = load_tokenizer(meta)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(device)
+    device = train.pick_device(args.device, local_rank=0)
     # bf16 autocast on cuda, as in training; fp32 elsewhere
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     model.to(device).eval()

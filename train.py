@@ -202,6 +202,17 @@ def load_checkpoint(path):
         raise SystemExit(f"could not read the checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not ours")
 
 
+def model_from_checkpoint(ckpt, path):
+    """The model a checkpoint holds (on the CPU), or a clear error if this model.py cannot build it."""
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"{path} does not fit this model.py ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "retrain it with this version of train.py")
+    return model
+
+
 def log_metrics(path, **record):
     # strict JSON: a non-finite number (a skipped step's gradient norm, say) is written as null
     clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v

@@ -29,8 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import common  # noqa: E402
-import train  # noqa: E402  (its get_batch: the batches of training's own evaluation)
-from model import GPT, GPTConfig  # noqa: E402
+import train  # noqa: E402  (its get_batch, and its checkpoint reading)
 
 
 def main(argv=None):
@@ -97,9 +96,8 @@ def find_checkpoints(args):
 
 def load(path, device):
     """The model of a train.py checkpoint, in eval mode, and the settings it was trained with."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    ckpt = train.load_checkpoint(path)
+    model = train.model_from_checkpoint(ckpt, path)
     if not model.config.looped:
         raise SystemExit(f"{path} holds a plain Transformer: it has no loop to vary")
     return model.to(device).eval(), ckpt["settings"]
