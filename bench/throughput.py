@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -61,8 +62,9 @@ def build(name, vocab_size, cls=GPT, **overrides):
     return model, settings
 
 
-def time_training(model, batch_size, steps, warmup):
-    """Median-free and simple: total wall time of `steps` steps after `warmup` steps, synced."""
+def time_training(model, batch_size, steps, warmup, profile_to=None):
+    """Total wall time of `steps` steps after `warmup` steps, synced. With profile_to, also a
+    torch.profiler table of 3 more steps' most expensive GPU kernels, written to that file."""
     c = model.config
     for block in model.blocks():         # as train.py does
         block.compile(dynamic=True)
@@ -92,6 +94,14 @@ def time_training(model, batch_size, steps, warmup):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     tokens_per_sec = batch_size * c.block_size / dt
+    if profile_to:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for i in range(3):
+                step(warmup + i)
+            torch.cuda.synchronize()
+        with open(profile_to, "w") as f:
+            f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=30))
     return {"params": model.num_params(), "batch_size": batch_size, "seq_len": c.block_size,
             "step_ms": 1000 * dt, "tokens_per_sec": tokens_per_sec,
             "mfu": model.estimate_mfu(tokens_per_sec), "flops_per_token": model.flops_per_token(),
@@ -102,7 +112,7 @@ def time_generation(model, loops, batch_size, prompt_len=128, new_tokens=256):
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        model.generate(prompt, 8, loops=loops)          # warm-up
+        model.generate(prompt, 32, loops=loops)         # warm-up
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -125,6 +135,8 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--vocab_size", type=int, default=50257, help="GPT-2's")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write a torch.profiler kernel table per model next to --out")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "throughput"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -136,7 +148,9 @@ def main():
 
     def run(label, name, cls=GPT, **overrides):
         model, settings = build(name, args.vocab_size, cls, **overrides)
-        r = time_training(model, settings["batch_size"], args.steps, args.warmup)
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")      # a plain file name
+        profile_to = f"{args.out}.profile-{safe}.txt" if args.profile else None
+        r = time_training(model, settings["batch_size"], args.steps, args.warmup, profile_to)
         results["training"][label] = r
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"{label:28s} {r['tokens_per_sec'] / 1e3:8.1f}k tok/s  {r['step_ms']:8.1f} ms/step  "
