@@ -200,6 +200,17 @@ def read_metrics(out_dir):
     return train, evals, skipped
 
 
+def environment():
+    """Where the numbers were made: GPU (or CPU), PyTorch, and the git commit when there is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "commit": commit}
+
+
 def read_json(path):
     """The JSON file at path, or None if there is none."""
     if not os.path.exists(path):

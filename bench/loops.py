@@ -51,7 +51,8 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this preset evaluates on cuda, and there is no GPU here (try --preset tiny)")
 
-    results = {"preset": args.preset_name, "data_dir": args.data_dir, "loops": loops, "batches": batches,
+    results = {"preset": args.preset_name, "environment": common.environment(),
+                                           "data_dir": args.data_dir, "loops": loops, "batches": batches,
                "models": []}
     for label, path in checkpoints:
         model, settings = load(path, device)

@@ -105,7 +105,7 @@ def find_in_sweep(sweep, settings):
 
 def collect(args, runs, rates):
     vocab = args.meta["vocab_size"]
-    out = {"preset": args.preset_name, "data_dir": args.data_dir,
+    out = {"preset": args.preset_name, "environment": common.environment(), "data_dir": args.data_dir,
            "budgets": sorted({b for _, _, b, _, _ in runs}), "rates": {m: r for m, (r, _) in rates.items()},
            "metric": "validation perplexity exp(loss) at the training mean depth; relative quality = "
                      "(PPL_gpt - PPL_model) / (PPL_gpt - PPL_gpt_2x)", "runs": []}
