@@ -52,7 +52,7 @@ def main(argv=None):
         raise SystemExit("this preset evaluates on cuda, and there is no GPU here (try --preset tiny)")
 
     results = {"preset": args.preset_name, "environment": common.environment(),
-                                           "data_dir": args.data_dir, "loops": loops, "batches": batches,
+               "data_dir": args.data_dir, "loops": loops, "batches": batches,
                "models": []}
     for label, path in checkpoints:
         model, settings = load(path, device)

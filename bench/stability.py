@@ -66,7 +66,7 @@ def main(argv=None):
 
 def collect(args, runs):
     out = {"preset": args.preset_name, "environment": common.environment(),
-                                       "data_dir": args.data_dir, "spike_margin": args.spike_margin,
+           "data_dir": args.data_dir, "spike_margin": args.spike_margin,
            "spike_definition": f"a logged training loss more than {args.spike_margin} nats above the EMA (beta 0.9) "
                                "of the losses logged before it; consecutive points above count once",
            "divergence_definition": "train.py stopped on a non-finite loss, or the run ended above its initial loss",
