@@ -108,6 +108,27 @@ def check_setting(key, value, where):
     return float(value) if type(default) is float else value
 
 
+def parse_override(arg):
+    """--key=value as (key, checked value): a Python literal, or else a string."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise SystemExit(f"expected --key=value, got {arg!r} (a config file goes first)")
+    key, text = arg[2:].split("=", 1)
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text        # a bare word such as --device=cpu is a string
+    return key, check_setting(key, value, arg)
+
+
+def model_config(settings, vocab_size):
+    """The GPTConfig that a dict of settings describes, or a clear error."""
+    try:
+        return GPTConfig(vocab_size=vocab_size, **{f.name: settings[f.name] for f in fields(GPTConfig)
+                                                   if f.name != "vocab_size"})
+    except ValueError as e:
+        raise SystemExit(f"bad model settings: {e}")
+
+
 def parse_settings(argv):
     """The settings as a dict: defaults, then an optional config file (first argument), then --key=value."""
     settings = dict(SETTINGS)
@@ -125,14 +146,8 @@ def parse_settings(argv):
             if not key.startswith("_"):
                 settings[key] = check_setting(key, value, path)
     for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got {arg!r} (a config file goes first)")
-        key, text = arg[2:].split("=", 1)
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text        # a bare word such as --device=cpu is a string
-        settings[key] = check_setting(key, value, arg)
+        key, value = parse_override(arg)
+        settings[key] = value
     return settings
 
 
@@ -271,11 +286,7 @@ def train(cfg, rank, world, device):
         raise SystemExit(f"{cfg.data_dir}: train.bin and val.bin need more than block_size={cfg.block_size} tokens")
 
     # model, optimizers, and the checkpoint to resume from
-    model_args = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}
-    try:
-        config = GPTConfig(vocab_size=meta["vocab_size"], **model_args)
-    except ValueError as e:
-        raise SystemExit(f"bad model settings: {e}")
+    config = model_config(vars(cfg), meta["vocab_size"])
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
     if ckpt:

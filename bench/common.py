@@ -23,7 +23,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import GPT, GPTConfig  # noqa: E402
+import train  # noqa: E402
+from model import GPT  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # presets: one model size, token budgets and evaluation settings per name.
@@ -103,14 +104,9 @@ def tokens_of(settings):
     return settings["max_iters"] * settings["batch_size"] * settings["grad_accum_steps"] * settings["block_size"]
 
 
-def build_config(settings, vocab_size):
-    fields = GPTConfig.__dataclass_fields__
-    return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in settings.items() if k in fields and k != "vocab_size"})
-
-
 def model_size(settings, vocab_size):
     """Parameters and training FLOPs per token, from a model built on the meta device (no memory)."""
-    config = build_config(settings, vocab_size)
+    config = train.model_config({**train.SETTINGS, **settings}, vocab_size)
     key = repr(config)
     if key not in _sizes:       # a build still takes 0.2 s, and the scripts ask after every run
         with torch.device("meta"):
@@ -157,13 +153,7 @@ def finish_args(args):
     args.preset_name, args.preset = args.preset, PRESETS[args.preset]
     args.work_dir = args.work_dir or os.path.join(ROOT, "out", "bench", args.preset_name)
     args.parallel = args.parallel or args.preset["parallel"]
-    args.overrides = {}
-    for item in args.set:
-        key, _, text = item.partition("=")
-        try:
-            args.overrides[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            args.overrides[key] = text
+    args.overrides = dict(train.parse_override("--" + item) for item in args.set)    # checked as train.py does
     args.meta = read_meta(args.data_dir)
     os.makedirs(args.results_dir, exist_ok=True)
     return args

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,8 +55,7 @@ class MaskedLoopGPT(GPT):
 def build(name, vocab_size, cls=GPT, **overrides):
     """The model of config/<name>.py, read and checked as train.py reads it, on the GPU."""
     settings = {**train.parse_settings([os.path.join(ROOT, "config", name + ".py")]), **overrides}
-    fields = GPTConfig.__dataclass_fields__
-    config = GPTConfig(**{k: v for k, v in settings.items() if k in fields}, vocab_size=vocab_size)
+    config = train.model_config(settings, vocab_size)
     with torch.device("cuda"):        # initialise on the GPU: orthogonal_ of the embeddings is slow on a CPU
         model = cls(config)
     return model, settings
