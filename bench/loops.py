@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import common  # noqa: E402
-import train  # noqa: E402  (its get_batch, and its checkpoint reading)
+import train  # noqa: E402  (its evaluation, and its checkpoint reading)
 
 
 def main(argv=None):
@@ -104,22 +104,15 @@ def load(path, device):
     return model.to(device).eval(), ckpt["settings"]
 
 
-@torch.no_grad()
 def evaluate(model, data_dir, settings, loops, batches, device):
-    """Mean validation loss at each T, over the same batches (and h_0 draws) for every T."""
+    """Mean validation loss at each T: train.py's own evaluation, over the same batches (and h_0
+    draws) for every T."""
     val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-    cfg = SimpleNamespace(seed=settings["seed"], block_size=model.config.block_size, batch_size=settings["batch_size"])
+    cfg = SimpleNamespace(seed=settings["seed"], block_size=model.config.block_size,
+                          batch_size=settings["batch_size"], eval_loops=loops, eval_iters=batches)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    losses = {}
-    for T in loops:
-        total = 0.0
-        for i in range(batches):
-            x, y = train.get_batch(val, 1, i, 0, cfg, device)     # also reseeds torch: the same h_0 at every T
-            with autocast:
-                _, loss = model(x, y, loops=T)
-            total += loss.item()
-        losses[T] = total / batches
-    return losses
+    losses = train.evaluate(model, val, cfg, rank=0, world=1, device=device, autocast=autocast)
+    return {int(T): L for T, L in losses.items()}
 
 
 def fit_exponential(T, L):
