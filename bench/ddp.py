@@ -25,12 +25,10 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def torchrun(n_gpus, model, out_dir, args, extra=()):
@@ -49,14 +47,14 @@ def torchrun(n_gpus, model, out_dir, args, extra=()):
         raise SystemExit(f"{' '.join(cmd)} failed; see {out_dir}/log.txt")
 
 
-def summarize(records, skip_frac=0.3):
+def summarize(out_dir, skip_frac=0.3):
     """Median tokens/s and peak memory over the logged steps, after the compile warm-up."""
-    train = [r for r in records if "tokens_per_sec" in r]
+    train, evals, _ = common.read_metrics(out_dir)
     steady = train[int(len(train) * skip_frac):] or train
     return {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in steady),
             "peak_mem_gb": max((r.get("peak_mem_gb") or 0) for r in train),
             "losses": {r["step"]: r["loss"] for r in train},
-            "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)}
+            "val_loss": evals[-1]["val_loss"] if evals else None}
 
 
 def main(argv=None):
@@ -89,7 +87,7 @@ def main(argv=None):
         for n in args.gpus:
             out_dir = os.path.join(args.work_dir, f"{model}-{n}gpu")
             torchrun(n, model, out_dir, args)
-            r = summarize(read_metrics(out_dir))
+            r = summarize(out_dir)
             r["tokens_per_sec_per_gpu"] = r["tokens_per_sec"] / n
             results["runs"][f"{model} {n}"] = r
             print(f"{model} on {n} {'GPU' if args.device == 'cuda' else 'process'}(es): {r['tokens_per_sec'] / 1e3:.1f}k tok/s, "
@@ -98,12 +96,12 @@ def main(argv=None):
         for n in args.gpus:
             r = results["runs"][f"{model} {n}"]
             r["scaling_efficiency"] = r["tokens_per_sec_per_gpu"] / (one["tokens_per_sec"] / args.gpus[0])
-            common = sorted(set(r["losses"]) & set(one["losses"]))
-            r["max_loss_gap"] = max(abs(r["losses"][s] - one["losses"][s]) for s in common)
+            steps = sorted(set(r["losses"]) & set(one["losses"]))
+            r["max_loss_gap"] = max(abs(r["losses"][s] - one["losses"][s]) for s in steps)
         # a checkpoint written by the largest run continues on one GPU
         largest = os.path.join(args.work_dir, f"{model}-{max(args.gpus)}gpu")
         torchrun(1, model, largest, args, [f"--max_iters={args.steps + args.resume_steps}", "--init_from=resume"])
-        after = [r for r in read_metrics(largest) if "loss" in r and r["step"] >= args.steps]
+        after = [r for r in common.read_metrics(largest)[0] if r["step"] >= args.steps]
         results["runs"][f"{model} {max(args.gpus)}"]["resumed_on_1_gpu"] = {r["step"]: r["loss"] for r in after}
         print(f"{model}: resumed the {max(args.gpus)}-process checkpoint on 1 process, losses "
               + ", ".join(f"{r['loss']:.3f}" for r in after), flush=True)
