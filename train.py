@@ -306,6 +306,10 @@ def train(cfg, rank, world, device):
         start_step, train_time, last_val = ckpt["step"], ckpt["train_time"], ckpt["val_loss"]
         saved_step = start_step
         del ckpt
+
+    def stop(step, why):        # a clear stop that says what the last good checkpoint holds
+        kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
+        raise SystemExit(f"stopped at step {step}: {why} ({kept})")
     if use_compile:
         # Block by block, so the data-dependent loop stays in Python; dynamic shapes, because
         # the number of sequences still looping changes from one iteration to the next.
@@ -348,8 +352,7 @@ def train(cfg, rank, world, device):
                 bar.write(f"step {step} | val loss " + ", ".join(f"{k} loops {v:.4f}" for k, v in last_val.items()))
                 log_metrics(metrics_path, step=step, val_loss=last_val)
             if not all(map(math.isfinite, last_val.values())):
-                kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
-                raise SystemExit(f"stopped at step {step}: the validation loss is not finite ({kept})")
+                stop(step, "the validation loss is not finite")
             if master and cfg.save_checkpoint and step > 0:
                 save(ckpt_path, {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                                  "model_config": asdict(config), "settings": vars(cfg), "meta": meta, "step": step,
@@ -387,8 +390,7 @@ def train(cfg, rank, world, device):
         # before stepping. The gradient norm is the same on every rank, and so is the loss.
         loss_ok, grad_ok = torch.stack([loss, grad_norm.to(loss.dtype)]).isfinite().tolist()
         if not loss_ok:
-            kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
-            raise SystemExit(f"stopped at step {step}: the training loss is {loss.item()} ({kept})")
+            stop(step, f"the training loss is {loss.item()}")
         if grad_ok:
             for opt in optimizers:
                 opt.step()
