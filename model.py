@@ -6,18 +6,16 @@ A looped ("recurrent-depth") GPT with the Parcae stable injection, in one file.
            -> repeat T times:  h <- core_blocks(Ā ⊙ h + Δ ⊙ (e Bᵀ))   (Parcae injection)
            -> C h_T -> coda blocks -> norm -> logits (tied with the input embedding)
 
-Ā = exp(-Δ ⊙ exp(A_log)) with Δ = softplus(dt_bias) lies in (0, 1) for every value
-of the parameters, so the linearised loop cannot blow up: that is the whole trick.
-The same class builds the baselines it is compared against: the plain Transformer
-(injection "none"), the naive looped model (h + e) and the Huginn-style
-concatenation adapter (W [h; e]). The spec is PARCAE.md; "official" there is what
-this file computes. Features, each small: RMSNorm, interleaved RoPE, QK-norm,
-ReLU² MLP, value embeddings, zero-init output projections, Muon, per-sequence depth
-sampling with truncated backprop through depth, a KV cache that spans the loops.
+Ā = exp(-Δ ⊙ exp(A_log)) with Δ = softplus(dt_bias) lies in (0, 1) for every value of the
+parameters, so the linearised loop cannot blow up: that is the whole trick. The same class
+builds the baselines: the plain Transformer (injection "none"), the naive looped model
+(h + e) and the Huginn-style adapter (W [h; e]). The spec is PARCAE.md; "official" there is
+what this file computes. Also here: RMSNorm, interleaved RoPE, QK-norm, ReLU² MLP, value
+embeddings, zero-init out-projections, per-sequence depths with truncated backprop through
+depth, Muon, and a KV cache that spans the loops.
 """
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -80,11 +78,11 @@ class CausalSelfAttention(nn.Module):
         q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,), eps=1e-5)
         k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,), eps=1e-5)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
-        if cache is not None:
+        if cache is None:       # training: a causal mask over the sequence
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:                   # generation: the whole cached window, the positions not reached masked out
             k, v = cache.update(k, v)
-        # the prompt (or a training sequence) attends causally; a single new token
-        # attends to everything already in the cache, so it needs no mask
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=(L > 1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
 
 
@@ -299,10 +297,13 @@ class GPT(nn.Module):
         else `loops` for every sequence, else sampled (training) or mean_loops (evaluation)."""
         c = self.config
         B, L = idx.shape
-        pos = cache.start(L) if cache is not None else 0
-        if pos + L > c.block_size:
-            raise ValueError(f"sequence of {pos + L} tokens is longer than block_size={c.block_size}")
-        cos, sin = self.cos[pos:pos + L], self.sin[pos:pos + L]
+        if cache is None:
+            if L > c.block_size:
+                raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
+            cos, sin = self.cos[:L], self.sin[:L]
+        else:
+            positions = cache.start(L, idx.device)
+            cos, sin = self.cos[positions], self.sin[positions]
 
         x = self.wte(idx)
         for block in self.prelude:
@@ -326,7 +327,7 @@ class GPT(nn.Module):
         for block in self.coda:
             x = block(x, idx, cos, sin, cache)
         if cache is not None:
-            cache.pos += L
+            cache.pos += L      # in place, on the device: a replayed CUDA graph advances it too
 
         logits = F.linear(self.norm_f(x), self.wte.weight)     # tied head, logit scale 1
         loss = None
@@ -390,26 +391,54 @@ class GPT(nn.Module):
     # generation
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None):
-        """Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times (default
-        mean_loops). With the KV cache each new token costs one position through every layer application."""
+    def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None, cuda_graph=True):
+        """
+        Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times (default
+        mean_loops). The prompt is prefilled in one pass; then each new token costs one position
+        through every layer application, thanks to the KV cache. On a GPU that decoding step is
+        recorded once as a CUDA graph and replayed: at batch 1 it is hundreds of tiny kernels,
+        and launching them one by one from Python would take far longer than running them.
+        """
         was_training = self.training
         self.eval()
         c = self.config
         loops = c.mean_loops if loops is None else loops
         cache = KVCache(c.n_prelude + (loops if c.looped else 1) * c.n_core + c.n_coda, c.block_size)
-        context = idx[:, -c.block_size:]        # the prompt is prefilled in one pass
-        for _ in range(max_new_tokens):
-            if cache.pos + context.size(1) > c.block_size:
-                # the window is full: start again from the last half of the text
-                cache.pos, context = 0, idx[:, -(c.block_size // 2):]
-            logits, _ = self(context, loops=loops, cache=cache)
-            logits = logits[:, -1, :c.vocab_size].float() / max(temperature, 1e-6)
+        token = idx[:, -1:].clone()         # the decoding step's input, at a fixed address for the graph
+
+        def forward(tokens):        # logits of the next token
+            return self(tokens, loops=loops, cache=cache)[0][:, -1]
+
+        logits, n_cached, graph = forward(idx[:, -c.block_size:]), min(idx.size(1), c.block_size), None
+        for i in range(max_new_tokens):
+            logits = logits[:, :c.vocab_size].float() / max(temperature, 1e-6)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            context = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat([idx, context], dim=1)
+            token.copy_(torch.multinomial(F.softmax(logits, dim=-1), num_samples=1))
+            idx = torch.cat([idx, token], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if n_cached == c.block_size:        # the window is full: start again from the last half of the text
+                cache.pos.zero_()
+                logits, n_cached = forward(idx[:, -(c.block_size // 2):]), c.block_size // 2
+                continue
+            n_cached += 1
+            if graph is not None:
+                graph.replay()          # reads `token`, writes the cache and `graph_logits`
+                logits = graph_logits
+            elif cuda_graph and idx.is_cuda:
+                # warm up on a side stream (as PyTorch asks), then record the same step, which does not run it
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    logits = forward(token)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    graph_logits = forward(token)
+            else:
+                logits = forward(token)
         self.train(was_training)
         return idx
 
@@ -449,51 +478,37 @@ class GPT(nn.Module):
         loop = c.n_core * per_block + inj
         return (once + c.mean_loops * loop) + 2 * (once + min(c.backprop_loops, c.mean_loops) * loop)
 
-    def estimate_mfu(self, tokens_per_sec, device=None):
-        """Model FLOPs utilisation against the GPU's peak dense bf16 rate; None if unknown."""
-        peak = peak_flops(device)
-        return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
-
-
-# dense bf16 peak rates (no sparsity) from the vendors' datasheets
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "B200": 2250e12,
-                   "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
-                   "RTX 4090": 165e12, "RTX 3090": 71e12}
-
-
-def peak_flops(device=None):
-    if not torch.cuda.is_available() or torch.device(device or "cuda").type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    matches = [gpu for gpu in PEAK_BF16_FLOPS if re.search(rf"\b{gpu}\b", name)]    # "L4" is not an "L40S"
-    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
-
 
 class KVCache:
-    """Keys and values of every layer application (prelude layer i, core layer j at iteration r,
+    """
+    Keys and values of every layer application (prelude layer i, core layer j at iteration r,
     coda layer i), one slot each, handed out in the order the layers run: memory grows linearly
-    with the loops. Takes a prompt at position 0, then one token at a time."""
+    with the loops. Shapes never change, so a decoding step can be replayed as a CUDA graph:
+    each slot spans the whole window, a mask hides the positions not written yet, and the next
+    position `pos` lives on the device. The caller keeps pos + L within max_len (generate does).
+    """
 
     def __init__(self, n_slots, max_len):
-        self.n_slots, self.max_len, self.k, self.v = n_slots, max_len, None, None
-        self.pos = 0            # positions already cached
-        self.slot = 0           # next layer application
+        self.n_slots, self.max_len = n_slots, max_len
+        self.k = self.v = self.pos = None       # allocated on first use, on the model's device
 
-    def start(self, L):
-        if self.pos > 0 and L > 1:
-            raise ValueError("the KV cache takes a prompt at position 0, then one token at a time")
+    def start(self, L, device):
+        """A forward of L new tokens begins: their positions, and which keys each of them may see."""
+        if self.pos is None:
+            self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.slot = 0
-        return self.pos
+        self.positions = self.pos + torch.arange(L, device=device)
+        self.mask = torch.arange(self.max_len, device=device) <= self.positions[:, None]     # (L, max_len)
+        return self.positions
 
     def update(self, k, v):
-        """Store k, v (B, H, L, D) in the next slot; return that slot's keys and values so far."""
-        if self.k is None:      # allocate for the whole window on first use, in the dtypes of k, v
-            B, H, _, D = k.shape
-            self.k = k.new_empty(self.n_slots, B, H, self.max_len, D)
-            self.v = v.new_empty(self.n_slots, B, H, self.max_len, D)
-        end = self.pos + k.size(2)
-        self.k[self.slot, :, :, self.pos:end] = k
-        self.v[self.slot, :, :, self.pos:end] = v
-        k, v = self.k[self.slot, :, :, :end], self.v[self.slot, :, :, :end]
+        """Write k, v (B, H, L, D) at their positions in the next slot; return that slot's whole window."""
+        if self.k is None:      # zeros, not garbage: a masked-out NaN would still poison the attention
+            B, H, _, D = v.shape
+            self.k = v.new_zeros(self.n_slots, B, H, self.max_len, D)
+            self.v = v.new_zeros(self.n_slots, B, H, self.max_len, D)
+        k_slot, v_slot = self.k[self.slot], self.v[self.slot]
+        k_slot.index_copy_(2, self.positions, k.to(k_slot.dtype))
+        v_slot.index_copy_(2, self.positions, v)
         self.slot += 1
-        return k, v
+        return k_slot, v_slot

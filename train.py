@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -236,6 +237,39 @@ def log_metrics(path, **record):
         f.write(json.dumps(record) + "\n")
 
 
+# dense bf16 peak rates (no sparsity) from the vendors' datasheets
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "B200": 2250e12,
+                   "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device=None):
+    if not torch.cuda.is_available() or torch.device(device or "cuda").type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [gpu for gpu in PEAK_BF16_FLOPS if re.search(rf"\b{gpu}\b", name)]    # "L4" is not an "L40S"
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+
+
+def estimate_mfu(model, tokens_per_sec, device=None):
+    """Model FLOPs utilisation: model.py's FLOPs per token against the GPU's peak dense bf16 rate; None if unknown."""
+    peak = peak_flops(device)
+    return None if peak is None else model.flops_per_token() * tokens_per_sec / peak
+
+
+def compile_blocks(model, dynamic=None):
+    """
+    torch.compile each block, so the data-dependent loop stays in Python. With dynamic=None
+    shapes start static; the first time a block sees another number of running sequences,
+    Dynamo recompiles it once with that size symbolic, and no later depth compiles again.
+    """
+    for block in model.blocks():
+        block.compile(dynamic=dynamic)
+    # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:
+    # with or without a value embedding, gradient, fp32 or bf16 input, one sequence or more
+    torch._dynamo.config.recompile_limit = 64
+
+
 def pick_device(name, local_rank):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -311,13 +345,7 @@ def train(cfg, rank, world, device):
         kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
         raise SystemExit(f"stopped at step {step}: {why} ({kept})")
     if use_compile:
-        # Block by block, so the data-dependent loop stays in Python; dynamic shapes, because
-        # the number of sequences still looping changes from one iteration to the next.
-        for block in raw_model.blocks():
-            block.compile(dynamic=True)
-        # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:
-        # with or without a value embedding, gradient, fp32 or bf16 input, one sequence or more
-        torch._dynamo.config.recompile_limit = 64
+        compile_blocks(raw_model)
     if world > 1:
         # the rotary tables are constants: no need to broadcast buffers before every forward
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
@@ -406,7 +434,7 @@ def train(cfg, rank, world, device):
             now = time.time()
             tokens_per_sec = steps_since_log * cfg.batch_size * cfg.grad_accum_steps * cfg.block_size / (now - t_log)
             t_log, steps_since_log = now, 0
-            mfu = raw_model.estimate_mfu(tokens_per_sec / world, device)
+            mfu = estimate_mfu(raw_model, tokens_per_sec / world, device)
             stats = raw_model.stability_stats()     # of the last micro-batch's loop
             line = [f"step {step}", f"loss {loss.item():.4f}", f"lr {lr:.1e}", f"{tokens_per_sec / 1e3:.1f}k tok/s"]
             line += [f"mfu {100 * mfu:.1f}%"] if mfu is not None else []

@@ -54,7 +54,7 @@ PRESETS = {
         "train": dict(device="cuda", dtype="auto", compile=False, n_embd=384, n_head=3, block_size=512,
                       batch_size=16, grad_accum_steps=2, eval_iters=32, log_interval=5),
         "layers": (1, 2, 1), "mean_loops": 4, "backprop_loops": 2,
-        "rates": [2e-3, 4e-3, 8e-3, 16e-3, 32e-3], "sweep_tokens": 4_000_000, "budgets": [4_000_000, 10_000_000],
+        "rates": [2e-3, 4e-3, 8e-3, 16e-3, 32e-3], "sweep_tokens": 4_000_000, "budgets": [10_000_000, 40_000_000],
         "evals": 2, "parallel": 8, "loops": [1, 2, 4, 6, 8, 12, 16, 24, 32], "loop_batches": 32,
         "tokens_per_sec": 330_000,
     },
@@ -142,7 +142,8 @@ def parser(description):
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size and budgets")
     p.add_argument("--work_dir", help="where the runs' out_dirs go (default out/bench/<preset>)")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"), help="JSON, Markdown, PNG")
-    p.add_argument("--parallel", type=int, help="train.py runs at a time (default: the preset's)")
+    p.add_argument("--parallel", type=int, help="train.py runs at a time on each GPU (default: the preset's)")
+    p.add_argument("--gpus", type=int, help="spread the runs over this many GPUs (default: every GPU here)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a train.py setting in every run, e.g. --set batch_size=16 (repeatable)")
     p.add_argument("--dry_run", action="store_true", help="print the commands and the token budget, run nothing")
@@ -153,6 +154,13 @@ def finish_args(args):
     args.preset_name, args.preset = args.preset, PRESETS[args.preset]
     args.work_dir = args.work_dir or os.path.join(ROOT, "out", "bench", args.preset_name)
     args.parallel = args.parallel or args.preset["parallel"]
+    n_gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
+    if args.preset["train"].get("device") == "cpu" or n_gpus == 0:
+        args.gpus = [None]          # the CPU: runs share it, and see whatever GPUs there are
+    elif n_gpus > torch.cuda.device_count():
+        raise SystemExit(f"--gpus {n_gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
+    else:
+        args.gpus = list(range(n_gpus))
     args.overrides = dict(train.parse_override("--" + item) for item in args.set)    # checked as train.py does
     args.meta = read_meta(args.data_dir)
     os.makedirs(args.results_dir, exist_ok=True)
@@ -227,12 +235,14 @@ def classify(returncode, out_dir, max_iters):
     return "failed"
 
 
-def run_all(runs, parallel, dry_run=False, on_finish=None):
+def run_all(runs, parallel, gpus=(None,), dry_run=False, on_finish=None):
     """
-    Run train.py for every (name, settings) in `runs`, `parallel` at a time, each in its own
-    settings["out_dir"] with its output in train.log. A run already ended with the same settings
-    (its run.json says finished or diverged) is skipped, so an interrupted bench resumes.
-    Prints one line per ended run and calls on_finish(name) after each.
+    Run train.py for every (name, settings) in `runs`, `parallel` at a time on each of `gpus`
+    (CUDA device numbers; None: leave the device alone), each in its own settings["out_dir"] with
+    its output in train.log. The largest budgets start first, so no long run is left alone at
+    the end. A run already ended with the same settings (its run.json says finished or
+    diverged) is skipped, so an interrupted bench resumes. Prints one line per ended run and
+    calls on_finish(name) after each.
     """
     todo = []
     for name, s in runs:
@@ -241,22 +251,28 @@ def run_all(runs, parallel, dry_run=False, on_finish=None):
             print(f"  {name}: {done['status']} earlier, skipped")
         else:
             todo.append((name, s))
+    todo.sort(key=lambda run: -tokens_of(run[1]))       # stable: same budgets keep their order
     if dry_run:
         for name, s in todo:
             print(shlex.join(train_command(s)))
         return
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # the GPU box has 16 cores: share them, unless the caller chose; and let the CUDA
-    # allocator grow segments rather than strand reserved memory (8 runs share one GPU)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 16) // parallel)))
+    # share the cores, unless the caller chose; and let the CUDA allocator grow segments
+    # rather than strand reserved memory (several runs share each GPU)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 16) // (parallel * len(gpus)))))
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # GPU i is the i-th of those this process sees (CUDA_VISIBLE_DEVICES may already pick some)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(64)))).split(",")
     queue, active, n_done = deque(todo), {}, 0
     # a SIGTERM (a time limit) should stop our train.py processes too, not orphan them
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         while queue or active:
-            while queue and len(active) < parallel:
+            while queue and len(active) < parallel * len(gpus):
                 name, s = queue.popleft()
+                load = {g: sum(run[4] == g for run in active.values()) for g in gpus}
+                gpu = min(gpus, key=load.get)           # the least busy GPU
+                run_env = env if gpu is None else dict(env, CUDA_VISIBLE_DEVICES=visible[gpu])
                 os.makedirs(s["out_dir"], exist_ok=True)
                 for stale in ("run.json", "metrics.jsonl"):
                     if os.path.exists(os.path.join(s["out_dir"], stale)):
@@ -265,10 +281,10 @@ def run_all(runs, parallel, dry_run=False, on_finish=None):
                 cmd = train_command(s)
                 log.write(shlex.join(cmd) + "\n")
                 log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-                active[name] = (proc, s, log, time.time())
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=run_env)
+                active[name] = (proc, s, log, time.time(), gpu)
             time.sleep(0.2)
-            for name, (proc, s, log, t0) in list(active.items()):
+            for name, (proc, s, log, t0, _) in list(active.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
@@ -287,7 +303,7 @@ def run_all(runs, parallel, dry_run=False, on_finish=None):
                     on_finish(name)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        for proc, _, log, _ in active.values():
+        for proc, _, log, *_ in active.values():
             proc.terminate()
             proc.wait()
             log.close()
@@ -307,15 +323,16 @@ def tail(path, n=6):
         return [line.rstrip() for line in f.readlines()[-n:]]
 
 
-def print_plan(runs, meta, what, preset, parallel):
+def print_plan(runs, meta, what, preset, parallel, gpus=(None,)):
     tokens = [tokens_of(s) for _, s in runs]
     epochs = max(tokens) / meta["train_tokens"] if tokens else 0
     print(f"{what}: {len(runs)} runs, {fmt_tokens(sum(tokens))} training tokens in all "
           f"(at most {fmt_tokens(max(tokens, default=0))} per run, {epochs:.1f} epochs of the training split)")
     if "tokens_per_sec" in preset and runs:
-        # the measured rate over all runs at once, plus ~15 s to start each wave of runs
-        print(f"  about {sum(tokens) / preset['tokens_per_sec'] + 15 * math.ceil(len(runs) / parallel):.0f} s "
-              f"on one H200 ({fmt_tokens(preset['tokens_per_sec'])} tokens/s over all runs)")
+        # the measured rate of one GPU over all its runs, plus ~15 s to start each wave of runs
+        rate = preset["tokens_per_sec"] * len(gpus)
+        print(f"  about {sum(tokens) / rate + 15 * math.ceil(len(runs) / (parallel * len(gpus))):.0f} s "
+              f"on {len(gpus)} H200(s) ({fmt_tokens(rate)} tokens/s over all runs)")
     if epochs > 4:
         print(f"  warning: a run sees the training data {epochs:.1f} times")
 

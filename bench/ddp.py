@@ -81,7 +81,8 @@ def main(argv=None):
     if any(args.micro_steps % n for n in args.gpus):
         raise SystemExit(f"--micro_steps={args.micro_steps} must be a multiple of every GPU count in {args.gpus}")
 
-    results = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "steps": args.steps,
+    results = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+               "commit": common.environment()["commit"], "steps": args.steps,
                "global_batch": f"{args.batch_size * args.micro_steps} sequences", "runs": {}}
     for model in args.models:
         for n in args.gpus:
@@ -89,37 +90,47 @@ def main(argv=None):
             torchrun(n, model, out_dir, args)
             r = summarize(out_dir)
             r["tokens_per_sec_per_gpu"] = r["tokens_per_sec"] / n
-            results["runs"][f"{model} {n}"] = r
-            print(f"{model} on {n} {'GPU' if args.device == 'cuda' else 'process'}(es): {r['tokens_per_sec'] / 1e3:.1f}k tok/s, "
-                  f"{r['tokens_per_sec_per_gpu'] / 1e3:.1f}k per GPU, peak {r['peak_mem_gb']:.1f} GB", flush=True)
-        one = results["runs"][f"{model} {args.gpus[0]}"]
-        for n in args.gpus:
-            r = results["runs"][f"{model} {n}"]
+            one = results["runs"].get(f"{model} {args.gpus[0]}", r)
             r["scaling_efficiency"] = r["tokens_per_sec_per_gpu"] / (one["tokens_per_sec"] / args.gpus[0])
             steps = sorted(set(r["losses"]) & set(one["losses"]))
             r["max_loss_gap"] = max(abs(r["losses"][s] - one["losses"][s]) for s in steps)
+            results["runs"][f"{model} {n}"] = r
+            write(results, args)        # after every run, so a run cut short still leaves its numbers
+            print(f"{model} on {n} {'GPU' if args.device == 'cuda' else 'process'}(es): {r['tokens_per_sec'] / 1e3:.1f}k tok/s, "
+                  f"{r['tokens_per_sec_per_gpu'] / 1e3:.1f}k per GPU, {100 * r['scaling_efficiency']:.0f} % efficiency, "
+                  f"peak {r['peak_mem_gb']:.1f} GB, loss gap {r['max_loss_gap']:.4f}", flush=True)
         # a checkpoint written by the largest run continues on one GPU
         largest = os.path.join(args.work_dir, f"{model}-{max(args.gpus)}gpu")
         torchrun(1, model, largest, args, [f"--max_iters={args.steps + args.resume_steps}", "--init_from=resume"])
         after = [r for r in common.read_metrics(largest)[0] if r["step"] >= args.steps]
         results["runs"][f"{model} {max(args.gpus)}"]["resumed_on_1_gpu"] = {r["step"]: r["loss"] for r in after}
+        write(results, args)
         print(f"{model}: resumed the {max(args.gpus)}-process checkpoint on 1 process, losses "
               + ", ".join(f"{r['loss']:.3f}" for r in after), flush=True)
+    print(markdown(results))
+    return results
 
+
+def write(results, args):
     os.makedirs(args.results_dir, exist_ok=True)
     with open(os.path.join(args.results_dir, "ddp.json"), "w") as f:
         json.dump(results, f, indent=1)
-    lines = [f"{results['gpu']}, torch {results['torch']}, {args.steps} steps, global batch {results['global_batch']}:",
-             "", "| model | GPUs | tokens/s | per GPU | scaling efficiency | peak memory (GB) | max loss gap |",
-             "|---|---|---|---|---|---|---|"]
+    with open(os.path.join(args.results_dir, "ddp.md"), "w") as f:
+        f.write(markdown(results))
+
+
+def markdown(results):
+    lines = [f"{results['gpu']}, torch {results['torch']}, commit {results.get('commit')}, {results['steps']} steps, "
+             f"global batch {results['global_batch']}:", "",
+             "| model | GPUs | tokens/s | per GPU | scaling efficiency | peak memory (GB) | max loss gap | resumed on 1 GPU |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, r in results["runs"].items():
         model, n = key.split()
+        resumed = r.get("resumed_on_1_gpu")
+        resumed = ", ".join(f"{v:.3f}" for v in resumed.values()) if resumed else "–"
         lines.append(f"| {model} | {n} | {r['tokens_per_sec']:,.0f} | {r['tokens_per_sec_per_gpu']:,.0f} | "
-                     f"{100 * r['scaling_efficiency']:.0f} % | {r['peak_mem_gb']:.1f} | {r['max_loss_gap']:.4f} |")
-    with open(os.path.join(args.results_dir, "ddp.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return results
+                     f"{100 * r['scaling_efficiency']:.0f} % | {r['peak_mem_gb']:.1f} | {r['max_loss_gap']:.4f} | {resumed} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

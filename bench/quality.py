@@ -61,7 +61,7 @@ def main(argv=None):
         if reused:
             print(f"  {name}: the sweep's run in {reused['out_dir']}")
     to_train = [(n, s) for n, _, _, s, reused in runs if not reused]
-    common.print_plan(to_train, args.meta, "quality runs to train", args.preset, args.parallel)
+    common.print_plan(to_train, args.meta, "quality runs to train", args.preset, args.parallel, args.gpus)
 
     def report(_=None):
         results = collect(args, runs, rates)
@@ -70,7 +70,7 @@ def main(argv=None):
             f.write(markdown(results))
         return results
 
-    common.run_all(to_train, args.parallel, args.dry_run, on_finish=report)
+    common.run_all(to_train, args.parallel, args.gpus, args.dry_run, on_finish=report)
     if args.dry_run:
         return None
     results = report()

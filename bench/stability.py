@@ -45,7 +45,7 @@ def main(argv=None):
             out_dir = os.path.join(args.work_dir, "stability", f"{model}_lr{lr:g}")
             runs.append((f"{model} lr={lr:g}", model, lr, common.run_settings(
                 args.preset, model, lr, tokens, args.data_dir, out_dir, args.overrides)))
-    common.print_plan([(n, s) for n, _, _, s in runs], args.meta, "stability sweep", args.preset, args.parallel)
+    common.print_plan([(n, s) for n, _, _, s in runs], args.meta, "stability sweep", args.preset, args.parallel, args.gpus)
 
     def report(_=None):
         results = collect(args, runs)
@@ -54,7 +54,7 @@ def main(argv=None):
             f.write(markdown(results))
         return results
 
-    common.run_all([(n, s) for n, _, _, s in runs], args.parallel, args.dry_run, on_finish=report)
+    common.run_all([(n, s) for n, _, _, s in runs], args.parallel, args.gpus, args.dry_run, on_finish=report)
     if args.dry_run:
         return None
     results = report()

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 
@@ -61,21 +62,22 @@ def build(name, vocab_size, cls=GPT, **overrides):
     return model, settings
 
 
-def time_training(model, batch_size, steps, warmup, profile_to=None):
-    """Total wall time of `steps` steps after `warmup` steps, synced. With profile_to, also a
-    torch.profiler table of 3 more steps' most expensive GPU kernels, written to that file."""
+def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dynamic=None):
+    """Mean wall time of a training step (`accum` micro-batches, then the optimizers) over `steps`
+    steps after `warmup`, synced. With profile_to, also a torch.profiler table of 2 more steps'
+    most expensive GPU kernels, and how busy the GPU was, written to that file."""
     c = model.config
-    for block in model.blocks():         # as train.py does
-        block.compile(dynamic=True)
+    train.compile_blocks(model, dynamic)        # as train.py does
     optimizers = model.configure_optimizers(lr=1e-3, weight_decay=0.2, device_type="cuda")
     torch.manual_seed(0)
-    data = torch.randint(0, c.vocab_size, (steps + warmup, batch_size, c.block_size + 1), device="cuda")
+    data = torch.randint(0, c.vocab_size, (accum, batch_size, c.block_size + 1), device="cuda")
 
-    def step(i):
-        x, y = data[i, :, :-1], data[i, :, 1:]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(x, y)
-        loss.backward()
+    def step():
+        for micro in range(accum):
+            x, y = data[micro, :, :-1], data[micro, :, 1:]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(x, y)
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:
             opt.step()
@@ -83,78 +85,96 @@ def time_training(model, batch_size, steps, warmup, profile_to=None):
 
     model.train()
     torch.manual_seed(1)                 # the same depth draws for every model
-    for i in range(warmup):
-        step(i)
+    for _ in range(warmup):
+        step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(i)
+    for _ in range(steps):
+        step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    tokens_per_sec = batch_size * c.block_size / dt
+    tokens_per_sec = accum * batch_size * c.block_size / dt
+    result = {"params": model.num_params(), "batch_size": batch_size, "accum": accum, "seq_len": c.block_size,
+              "step_ms": 1000 * dt, "tokens_per_sec": tokens_per_sec,
+              "mfu": train.estimate_mfu(model, tokens_per_sec), "flops_per_token": model.flops_per_token(),
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
     if profile_to:
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
-            for i in range(3):
-                step(warmup + i)
+            t0 = time.perf_counter()
+            for _ in range(2):
+                step()
             torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / 2
+        table = prof.key_averages()
+        # every GPU kernel's own time, summed: if it is well below the wall time, the GPU waits on Python
+        busy = sum(e.self_device_time_total for e in table) / 2 / 1e6
+        result["gpu_busy_frac"] = busy / wall
         with open(profile_to, "w") as f:
-            f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=30))
-    return {"params": model.num_params(), "batch_size": batch_size, "seq_len": c.block_size,
-            "step_ms": 1000 * dt, "tokens_per_sec": tokens_per_sec,
-            "mfu": model.estimate_mfu(tokens_per_sec), "flops_per_token": model.flops_per_token(),
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+            f.write(f"step {1000 * wall:.1f} ms under the profiler, GPU kernels {1000 * busy:.1f} ms "
+                    f"({100 * busy / wall:.0f} % busy)\n\n")
+            f.write(table.table(sort_by="device_time_total", row_limit=40))
+            f.write("\n\nby CPU time:\n" + table.table(sort_by="cpu_time_total", row_limit=25))
+    return result
 
 
-def time_generation(model, loops, batch_size, prompt_len=128, new_tokens=256):
+def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256):
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        model.generate(prompt, 32, loops=loops)         # warm-up
+        model.generate(prompt, 32, loops=loops, cuda_graph=cuda_graph)         # warm-up
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        model.generate(prompt, new_tokens, loops=loops)
+        model.generate(prompt, new_tokens, loops=loops, cuda_graph=cuda_graph)
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     c = model.config
     slots = c.n_prelude + loops * c.n_core + c.n_coda
-    cache_bytes = 2 * slots * batch_size * c.n_embd * c.block_size * 2      # k and v, bf16
-    return {"loops": loops, "batch_size": batch_size, "new_tokens_per_sec": batch_size * new_tokens / dt,
-            "ms_per_token": 1000 * dt / new_tokens, "kv_cache_gb": cache_bytes / 1e9,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "extra_mem_gb": (torch.cuda.max_memory_allocated() - base) / 1e9}
+    cache_bytes = 2 * slots * batch_size * c.n_embd * c.block_size * 2      # k and v, bf16, the whole window
+    return {"loops": loops, "batch_size": batch_size, "cuda_graph": cuda_graph,
+            "new_tokens_per_sec": batch_size * new_tokens / dt, "ms_per_token": 1000 * dt / new_tokens,
+            "kv_cache_gb": cache_bytes / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "extra_mem_gb": (torch.cuda.max_memory_allocated() - base) / 1e9}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gpt_350m", "parcae_350m", "looped_add_350m",
                                                         "gpt_140m", "parcae_140m", "looped_add_140m"])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step; 2 is what each GPU "
+                        "does in the configs' 8-GPU recipe (grad_accum_steps 16 over 8 GPUs)")
     parser.add_argument("--vocab_size", type=int, default=50257, help="GPT-2's")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler kernel table per model next to --out")
+    parser.add_argument("--compare_dynamic", action="store_true", help="also time the Parcae loops compiled with "
+                        "dynamic=True (every size symbolic from the start), as train.py did before")
+    parser.add_argument("--skip_training", action="store_true", help="time generation only")
+    parser.add_argument("--skip_generation", action="store_true", help="time training only")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "throughput"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/throughput.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
-    torch._dynamo.config.recompile_limit = 64
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-               "cuda": torch.version.cuda, "steps": args.steps, "warmup": args.warmup, "training": {}, "generation": []}
+               "cuda": torch.version.cuda, "commit": commit(), "steps": args.steps, "warmup": args.warmup,
+               "accum": args.accum, "training": {}, "generation": []}
 
-    def run(label, name, cls=GPT, **overrides):
+    def run(label, name, cls=GPT, dynamic=None, **overrides):
         model, settings = build(name, args.vocab_size, cls, **overrides)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")      # a plain file name
         profile_to = f"{args.out}.profile-{safe}.txt" if args.profile else None
-        r = time_training(model, settings["batch_size"], args.steps, args.warmup, profile_to)
+        r = time_training(model, settings["batch_size"], args.accum, args.steps, args.warmup, profile_to, dynamic)
         results["training"][label] = r
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"{label:28s} {r['tokens_per_sec'] / 1e3:8.1f}k tok/s  {r['step_ms']:8.1f} ms/step  "
               f"MFU {mfu:>6s}  peak {r['peak_mem_gb']:.1f} GB", flush=True)
         del model
+        torch._dynamo.reset()           # a fresh compile cache for the next model
         torch.cuda.empty_cache()
         save()
 
@@ -166,52 +186,74 @@ def main():
             f.write(markdown(results))
 
     # the most important measurements first
-    sizes = [m.split("_")[-1] for m in args.models if m.startswith("parcae")]
-    for size in sizes:
-        run(f"parcae_{size}", f"parcae_{size}")
-        run(f"parcae_{size} (masked loop)", f"parcae_{size}", MaskedLoopGPT)
-    for name in args.models:
-        if name not in results["training"]:
-            run(name, name)
-        if name == "parcae_350m":
-            run("parcae_350m mean_loops=32", "parcae_350m", mean_loops=32, backprop_loops=4)
-            model, _ = build("parcae_350m", args.vocab_size)
-            for loops in (1, 8, 16):
-                for batch_size in (1, 8):
-                    g = time_generation(model, loops, batch_size)
-                    results["generation"].append(g)
-                    save()
-                    print(f"generate parcae_350m loops={loops:2d} batch={batch_size}: {g['new_tokens_per_sec']:8.1f} "
-                          f"tok/s  cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB", flush=True)
-            del model
+    if not args.skip_training:
+        for size in [m.split("_")[-1] for m in args.models if m.startswith("parcae")]:
+            run(f"parcae_{size}", f"parcae_{size}")
+            run(f"parcae_{size} (masked loop)", f"parcae_{size}", MaskedLoopGPT)
+            if args.compare_dynamic:
+                run(f"parcae_{size}, dynamic=True", f"parcae_{size}", dynamic=True)
+                run(f"parcae_{size} (masked loop), dynamic=True", f"parcae_{size}", MaskedLoopGPT, dynamic=True)
+        for name in args.models:
+            if name not in results["training"]:
+                run(name, name)
+            if name == "parcae_350m":
+                run("parcae_350m mean_loops=32", "parcae_350m", mean_loops=32, backprop_loops=4)
+    if not args.skip_generation:
+        model, _ = build("parcae_350m", args.vocab_size)
+        cases = [(loops, batch, True) for loops in (1, 8, 16) for batch in (1, 8)]
+        cases += [(16, 1, False), (16, 8, False)]       # before the CUDA graph: every kernel launched from Python
+        for loops, batch_size, graph in cases:
+            g = time_generation(model, loops, batch_size, graph)
+            results["generation"].append(g)
+            save()
+            print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}: "
+                  f"{g['new_tokens_per_sec']:8.1f} tok/s  cache {g['kv_cache_gb']:.2f} GB  "
+                  f"peak {g['peak_mem_gb']:.1f} GB", flush=True)
+        del model
     print(markdown(results))
 
 
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def markdown(results):
-    lines = [f"Training on one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}), bf16, compiled blocks, "
-             f"mean of {results['steps']} steps after {results['warmup']} warm-up steps:", "",
-             "| model | params | micro-batch | tokens/s | step (ms) | MFU | peak memory (GB) |", "|---|---|---|---|---|---|---|"]
+    accum = results.get("accum", 1)
+    lines = [f"Training on one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, commit "
+             f"{results.get('commit')}), bf16, compiled blocks; a step is {accum} micro-batch(es) and one optimizer "
+             f"step; mean of {results['steps']} steps after {results['warmup']} warm-up steps:", "",
+             "| model | params | micro-batch | tokens/s | step (ms) | MFU | GPU busy | peak memory (GB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, r in results["training"].items():
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a"
+        busy = f"{100 * r['gpu_busy_frac']:.0f} %" if r.get("gpu_busy_frac") else "–"
         lines.append(f"| {label} | {r['params'] / 1e6:.1f}M | {r['batch_size']}×{r['seq_len']} | "
-                     f"{r['tokens_per_sec']:,.0f} | {r['step_ms']:.0f} | {mfu} | {r['peak_mem_gb']:.1f} |")
+                     f"{r['tokens_per_sec']:,.0f} | {r['step_ms']:.0f} | {mfu} | {busy} | {r['peak_mem_gb']:.1f} |")
     t = results["training"]
     for size in ("350m", "140m"):
-        a, b = t.get(f"parcae_{size}"), t.get(f"parcae_{size} (masked loop)")
-        if a and b:
-            lines += ["", f"Active-sequences loop vs masked loop, parcae_{size}: "
-                          f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}× the tokens/s."]
+        for suffix in ("", ", dynamic=True"):
+            a, b = t.get(f"parcae_{size}{suffix}"), t.get(f"parcae_{size} (masked loop){suffix}")
+            if a and b:
+                lines += ["", f"Active-sequences loop vs masked loop, parcae_{size}{suffix}: "
+                              f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}× the tokens/s."]
     m8, m32 = t.get("parcae_350m"), t.get("parcae_350m mean_loops=32")
     if m8 and m32:
         lines += ["", f"Training memory depends on backprop_loops, not on the no-grad iterations: parcae_350m "
                       f"(backprop_loops 4) peaks at {m8['peak_mem_gb']:.1f} GB with mean_loops 8 and "
                       f"{m32['peak_mem_gb']:.1f} GB with mean_loops 32."]
     if results["generation"]:
-        lines += ["", "Generation, parcae_350m, 128-token prompt, 256 new tokens, KV cache:", "",
-                  "| loops | batch | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |", "|---|---|---|---|---|---|"]
+        lines += ["", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
+                      "(KV cache = its size for the whole 2048-token window):", "",
+                  "| loops | batch | decoding | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
+                  "|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
-            lines.append(f"| {g['loops']} | {g['batch_size']} | {g['new_tokens_per_sec']:,.0f} | {g['ms_per_token']:.1f} | "
-                         f"{g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
+            mode = "CUDA graph" if g.get("cuda_graph", False) else "eager"
+            lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g['new_tokens_per_sec']:,.0f} | "
+                         f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -87,6 +87,18 @@ def test_trapezoid_is_constant_then_falls_linearly_to_zero_and_cosine_ends_at_mi
 # training runs
 
 
+def test_mfu_needs_a_known_gpu_and_peak_rates_match_whole_names(monkeypatch):
+    model = GPT(train.model_config({**train.SETTINGS, "n_embd": 32, "n_head": 2}, 97))
+    assert train.estimate_mfu(model, 1e6, "cpu") is None            # no GPU: no peak to compare with
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, peak in [("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA L4", 121e12),
+                       ("NVIDIA L40S", 362e12), ("Some Future GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert train.peak_flops("cuda") == peak
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert train.estimate_mfu(model, 1e6, "cuda") == pytest.approx(model.flops_per_token() * 1e6 / 989e12)
+
+
 @pytest.mark.parametrize("injection", ["parcae", "none"])
 def test_a_30_step_run_learns_the_pattern(tiny_args, tmp_path, injection):
     final = train.main(tiny_args(injection=injection))
