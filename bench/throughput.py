@@ -108,8 +108,10 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / 2
         table = prof.key_averages()
-        # every GPU kernel's own time, summed: if it is well below the wall time, the GPU waits on Python
-        busy = sum(e.self_device_time_total for e in table) / 2 / 1e6
+        # the GPU kernels' own time, summed: if it is well below the wall time, the GPU waits on Python
+        # (only the kernel rows: an operator's row repeats the time of the kernels it launched)
+        kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 2 / 1e6
         result["gpu_busy_frac"] = busy / wall
         with open(profile_to, "w") as f:
             f.write(f"step {1000 * wall:.1f} ms under the profiler, GPU kernels {1000 * busy:.1f} ms "
