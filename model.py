@@ -62,8 +62,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(d, d, bias=False)
         self.c_v = nn.Linear(d, d, bias=False)
         self.c_proj = nn.Linear(d, d, bias=False)
-        # value embeddings: a per-head gate decides how much of the token's own
-        # embedding (looked up from a separate table) to mix into v
+        # value embeddings: a per-head gate mixes the token's own embedding (a separate table) into v
         self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
 
     def forward(self, x, ve, cos, sin, cache=None):
@@ -78,11 +77,10 @@ class CausalSelfAttention(nn.Module):
         q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,), eps=1e-5)
         k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,), eps=1e-5)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
-        if cache is None:       # training: a causal mask over the sequence
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:                   # generation: the whole cached window, the positions not reached masked out
+        if cache is not None:       # generation: attend to the whole cached window, masked
             k, v = cache.update(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if cache is None else cache.mask,
+                                           is_causal=cache is None)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
 
 
@@ -297,13 +295,10 @@ class GPT(nn.Module):
         else `loops` for every sequence, else sampled (training) or mean_loops (evaluation)."""
         c = self.config
         B, L = idx.shape
-        if cache is None:
-            if L > c.block_size:
-                raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
-            cos, sin = self.cos[:L], self.sin[:L]
-        else:
-            positions = cache.start(L, idx.device)
-            cos, sin = self.cos[positions], self.sin[positions]
+        if cache is None and L > c.block_size:
+            raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
+        positions = slice(0, L) if cache is None else cache.start(L, idx.device)    # the tokens' positions
+        cos, sin = self.cos[positions], self.sin[positions]
 
         x = self.wte(idx)
         for block in self.prelude:
@@ -336,17 +331,14 @@ class GPT(nn.Module):
         return logits, loss
 
     def recur(self, e, idx, depths, n_grad, cos, sin, cache=None):
-        """
-        Run the core blocks depths[b] times on sequence b, injecting e at every iteration.
+        """Run the core blocks depths[b] times on sequence b, injecting e at every iteration.
 
-        The iterations are right-aligned: all sequences finish on the last step, and a
-        sequence of depth T joins at step T_max - T. Gradient is on only for the last
-        n_grad steps, so each sequence backpropagates through its last min(T, n_grad)
-        iterations (truncated backprop through depth); the earlier ones run under
-        no_grad and keep no activations. e always carries gradient back to the prelude.
-        Sorted by depth, the running sequences are a prefix h[:m], so every step computes
-        only the sequences still running instead of padding them all to the deepest.
-        """
+        The iterations are right-aligned: all sequences finish on the last step, and one of depth T
+        joins at step T_max - T. Gradient is on only for the last n_grad steps, so each sequence
+        backpropagates through its last min(T, n_grad) iterations (truncated backprop through depth);
+        the earlier ones run under no_grad and keep no activations. e always carries gradient back
+        to the prelude. Sorted by depth, the running sequences are a prefix h[:m]: every step
+        computes only those, instead of padding them all to the deepest."""
         depths, order = depths.sort(descending=True, stable=True)
         permuted = not torch.equal(order, torch.arange(len(order)))
         h = self.initial_state(e)
@@ -392,13 +384,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None, cuda_graph=True):
-        """
-        Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times (default
-        mean_loops). The prompt is prefilled in one pass; then each new token costs one position
-        through every layer application, thanks to the KV cache. On a GPU that decoding step is
-        recorded once as a CUDA graph and replayed: at batch 1 it is hundreds of tiny kernels,
-        and launching them one by one from Python would take far longer than running them.
-        """
+        """Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times (default
+        mean_loops). The prompt is prefilled in one pass, then each token costs one position through
+        every layer application (KV cache). On a GPU that step is recorded once as a CUDA graph and
+        replayed: at batch 1 it is hundreds of tiny kernels, too many to launch one by one from Python."""
         was_training = self.training
         self.eval()
         c = self.config
@@ -458,12 +447,9 @@ class GPT(nn.Module):
         return [muon, adamw]
 
     def flops_per_token(self, seq_len=None):
-        """
-        Training FLOPs per token (matmuls only): the forward runs the core mean_loops times,
-        but only the last backprop_loops iterations are backpropagated (backward = 2 × forward
-        of what carries gradient). Attention counts the causal half actually computed;
-        the value-embedding lookups cost no matmul FLOPs.
-        """
+        """Training FLOPs per token (matmuls only): the forward runs the core mean_loops times, but only
+        the last backprop_loops iterations are backpropagated (backward = 2 × forward of what carries
+        gradient). Attention counts the causal half computed; value-embedding lookups cost none."""
         c = self.config
         L = seq_len or c.block_size
         block = self.prelude[0] if c.n_prelude else self.core[0]
@@ -480,13 +466,11 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """
-    Keys and values of every layer application (prelude layer i, core layer j at iteration r,
-    coda layer i), one slot each, handed out in the order the layers run: memory grows linearly
-    with the loops. Shapes never change, so a decoding step can be replayed as a CUDA graph:
-    each slot spans the whole window, a mask hides the positions not written yet, and the next
-    position `pos` lives on the device. The caller keeps pos + L within max_len (generate does).
-    """
+    """Keys and values of every layer application (prelude layer i, core layer j at iteration r, coda
+    layer i), one slot each, handed out in the order the layers run: memory grows linearly with the
+    loops. Shapes never change, so a decoding step can be replayed as a CUDA graph: each slot spans
+    the window, a mask hides the positions not written yet, and the next position `pos` lives on the
+    device. The caller keeps pos + L within max_len (generate does)."""
 
     def __init__(self, n_slots, max_len):
         self.n_slots, self.max_len = n_slots, max_len

@@ -48,8 +48,9 @@ PRESETS = {
     # ~65M parameters, 89 % of them the token and value-embedding tables (GPT-2's vocab).
     # Measured on one H200 (GPT-2 tokens, not compiled): the GPU saturates at ~330k tokens/s
     # over all runs from 3 runs at a time on, and 8 runs of 16 × 512-token micro-batches take
-    # ~75 GB (32-sequence micro-batches ran out of memory). So the sweep (20 runs × 4M) takes
-    # ~4.5 min, quality's new runs (4M + 5 × 10M) ~3 min, loops.py ~40 s.
+    # ~75 GB (32-sequence micro-batches ran out of memory). Measured (commit 009e77e): the
+    # sweep (20 runs × 4M) took ~4 min on one H200; quality (5 models × 10M and 40M) ~5 min
+    # on four, where one 40M run alone takes 3-5 min whatever the GPU count; loops.py ~40 s.
     "small": {
         "train": dict(device="cuda", dtype="auto", compile=False, n_embd=384, n_head=3, block_size=512,
                       batch_size=16, grad_accum_steps=2, eval_iters=32, log_interval=5),

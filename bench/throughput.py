@@ -2,14 +2,16 @@
 Training and generation speed on one GPU, side by side.
 
     python bench/throughput.py                      # all models, writes bench/results/throughput.{json,md}
-    python bench/throughput.py --models parcae_140m gpt_140m --steps 10
+    python bench/throughput.py --models parcae_140m gpt_140m --skip_generation --out bench/results/throughput_140m
 
-For each config it times real training steps (forward, backward, clip, Muon + AdamW
-step; bf16 autocast; compiled blocks) after warm-up, at the micro-batch the config
-uses, and reports tokens/s, step time, peak memory and MFU (model.py's FLOPs estimate
-against the GPU's peak). It also times the same Parcae model with the release's masked
-loop (every sequence padded to the deepest), the peak memory at mean_loops 8 and 32
-with backprop_loops 4, and generation with the KV cache at 1, 8 and 16 loops.
+For each config it times real training steps (--accum micro-batches of the config's size,
+forward and backward, then clip and the Muon + AdamW step; bf16 autocast; compiled blocks)
+after warm-up, and reports tokens/s, step time, peak memory and MFU (model.py's FLOPs
+estimate against the GPU's peak). It also times the same Parcae model with the release's
+masked loop (every sequence padded to the deepest), the peak memory at mean_loops 8 and 32
+with backprop_loops 4, and generation with the KV cache at 1, 8 and 16 loops, replayed as a
+CUDA graph and, at 16 loops, also launched op by op. --profile adds a torch.profiler table
+per model (its most expensive kernels, and how much of the step the GPU was busy).
 """
 
 import argparse
@@ -113,6 +115,7 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
         kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.self_device_time_total for e in kernels) / 2 / 1e6
         result["gpu_busy_frac"] = busy / wall
+        os.makedirs(os.path.dirname(profile_to), exist_ok=True)
         with open(profile_to, "w") as f:
             f.write(f"step {1000 * wall:.1f} ms under the profiler, GPU kernels {1000 * busy:.1f} ms "
                     f"({100 * busy / wall:.0f} % busy)\n\n")
@@ -152,7 +155,7 @@ def main():
                         "does in the configs' 8-GPU recipe (grad_accum_steps 16 over 8 GPUs)")
     parser.add_argument("--vocab_size", type=int, default=50257, help="GPT-2's")
     parser.add_argument("--profile", action="store_true",
-                        help="also write a torch.profiler kernel table per model next to --out")
+                        help="also write a torch.profiler kernel table per model to profiles/ beside --out")
     parser.add_argument("--compare_dynamic", action="store_true", help="also time the Parcae loops compiled with "
                         "dynamic=True (every size symbolic from the start), as train.py did before")
     parser.add_argument("--skip_training", action="store_true", help="time generation only")
@@ -169,7 +172,7 @@ def main():
     def run(label, name, cls=GPT, dynamic=None, **overrides):
         model, settings = build(name, args.vocab_size, cls, **overrides)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")      # a plain file name
-        profile_to = f"{args.out}.profile-{safe}.txt" if args.profile else None
+        profile_to = os.path.join(os.path.dirname(args.out), "profiles", f"{safe}.txt") if args.profile else None
         r = time_training(model, settings["batch_size"], args.accum, args.steps, args.warmup, profile_to, dynamic)
         results["training"][label] = r
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"

@@ -1,12 +1,15 @@
 """Behaviour of model.py: the Parcae injection, the loop, the cache, the init and the bookkeeping."""
 
 import math
+import os
+import re
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.throughput import MaskedLoopGPT
+from conftest import ROOT
 from model import GPT, GPTConfig, KVCache, ParcaeInjection, apply_rotary, rotary_tables
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
@@ -352,3 +355,15 @@ def test_bad_depths_are_refused_instead_of_silently_ignored():
         model(x, loops=0)
     with pytest.raises(ValueError, match="same number of loops"):
         model(x, depths=torch.tensor([1, 2, 3]), cache=KVCache(8, 64))
+
+
+def test_readme_line_pointers_name_what_is_on_those_lines():
+    """The README maps each equation to a line of model.py, e.g. `model.py:136   (discretize)`:
+    after an edit of model.py, the named identifier must still be on the line it points to."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    lines = open(os.path.join(ROOT, "model.py"), encoding="utf-8").read().splitlines()
+    pointers = re.findall(r"model\.py:(\d+)(?:, \d+)?\s+\((\w+)\)", readme)         # equation block
+    pointers += [(n, name) for name, n in re.findall(r"`(\w+)`,\s+model\.py:(\d+)", readme)]   # `recur`, model.py:333
+    assert len(pointers) >= 6
+    for number, name in pointers:
+        assert name in lines[int(number) - 1], f"README points to model.py:{number} for {name}"
