@@ -485,6 +485,7 @@ class KVCache:
         self.mask = torch.arange(self.max_len, device=device) <= self.positions[:, None]     # (L, max_len)
         return self.positions
 
+    @torch.compiler.disable     # `slot` is Python state: compiled blocks leave this to eager mode
     def update(self, k, v):
         """Write k, v (B, H, L, D) at their positions in the next slot; return that slot's whole window."""
         if self.k is None:      # zeros, not garbage: a masked-out NaN would still poison the attention

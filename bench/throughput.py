@@ -10,7 +10,7 @@ after warm-up, and reports tokens/s, step time, peak memory and MFU (model.py's 
 estimate against the GPU's peak). It also times the same Parcae model with the release's
 masked loop (every sequence padded to the deepest), the peak memory at mean_loops 8 and 32
 with backprop_loops 4, and generation with the KV cache at 1, 8 and 16 loops, replayed as a
-CUDA graph and, at 16 loops, also launched op by op. --profile adds a torch.profiler table
+CUDA graph (with and without compiled blocks) and, at 16 loops, also launched op by op. --profile adds a torch.profiler table
 per model (its most expensive kernels, and how much of the step the GPU was busy).
 """
 
@@ -205,15 +205,20 @@ def main():
                 run("parcae_350m mean_loops=32", "parcae_350m", mean_loops=32, backprop_loops=4)
     if not args.skip_generation:
         model, _ = build("parcae_350m", args.vocab_size)
-        cases = [(loops, batch, True) for loops in (1, 8, 16) for batch in (1, 8)]
-        cases += [(16, 1, False), (16, 8, False)]       # before the CUDA graph: every kernel launched from Python
-        for loops, batch_size, graph in cases:
+        cases = [(loops, batch, True, False) for loops in (1, 8, 16) for batch in (1, 8)]
+        cases += [(16, 1, False, False), (16, 8, False, False)]    # every kernel launched from Python
+        # last, the blocks compiled as train.py compiles them, inside the same CUDA graph
+        cases += [(loops, batch, True, True) for loops in (1, 8, 16) for batch in (1, 8)]
+        for loops, batch_size, graph, compiled in cases:
+            if compiled and not results["generation"][-1].get("compiled"):
+                train.compile_blocks(model)
             g = time_generation(model, loops, batch_size, graph)
+            g["compiled"] = compiled
             results["generation"].append(g)
             save()
-            print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}: "
-                  f"{g['new_tokens_per_sec']:8.1f} tok/s  cache {g['kv_cache_gb']:.2f} GB  "
-                  f"peak {g['peak_mem_gb']:.1f} GB", flush=True)
+            print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
+                  f"{', compiled' if compiled else ''}: {g['new_tokens_per_sec']:8.1f} tok/s  "
+                  f"cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB", flush=True)
         del model
     print(markdown(results))
 
@@ -256,7 +261,7 @@ def markdown(results):
                   "| loops | batch | decoding | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
                   "|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
-            mode = "CUDA graph" if g.get("cuda_graph", False) else "eager"
+            mode = ("CUDA graph" if g.get("cuda_graph", False) else "eager") + (", compiled blocks" if g.get("compiled") else "")
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g['new_tokens_per_sec']:,.0f} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -367,3 +367,21 @@ def test_readme_line_pointers_name_what_is_on_those_lines():
     assert len(pointers) >= 6
     for number, name in pointers:
         assert name in lines[int(number) - 1], f"README points to model.py:{number} for {name}"
+
+
+def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_more_loops():
+    """With torch.compile'd blocks (as on a GPU), the cache's Python bookkeeping stays out of the
+    graphs: generation matches eager mode, and more loops (more cache slots) need no new graph."""
+    import train
+    from torch._dynamo.utils import counters
+    model = tiny(init_state="zero", block_size=16).eval()
+    prompt = tokens(B=2, L=5)[:, :-1]
+    eager = {loops: model.generate(prompt, 6, loops=loops, top_k=1) for loops in (2, 5)}
+    train.compile_blocks(model)
+    try:
+        assert torch.equal(model.generate(prompt, 6, loops=2, top_k=1), eager[2])
+        graphs = counters["stats"]["unique_graphs"]
+        assert torch.equal(model.generate(prompt, 6, loops=5, top_k=1), eager[5])
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
