@@ -321,8 +321,6 @@ class GPT(nn.Module):
                 x = block(x, idx, cos, sin, cache)
         for block in self.coda:
             x = block(x, idx, cos, sin, cache)
-        if cache is not None:
-            cache.pos += L      # in place, on the device: a replayed CUDA graph advances it too
 
         logits = F.linear(self.norm_f(x), self.wte.weight)     # tied head, logit scale 1
         loss = None
@@ -380,58 +378,6 @@ class GPT(nn.Module):
         return stats
 
     # -------------------------------------------------------------------------
-    # generation
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None, cuda_graph=True):
-        """Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times (default
-        mean_loops). The prompt is prefilled in one pass, then each token costs one position through
-        every layer application (KV cache). On a GPU that step is recorded once as a CUDA graph and
-        replayed: at batch 1 it is hundreds of tiny kernels, too many to launch one by one from Python."""
-        was_training = self.training
-        self.eval()
-        c = self.config
-        loops = c.mean_loops if loops is None else loops
-        cache = KVCache(c.n_prelude + (loops if c.looped else 1) * c.n_core + c.n_coda, c.block_size)
-        token = idx[:, -1:].clone()         # the decoding step's input, at a fixed address for the graph
-
-        def forward(tokens):        # logits of the next token
-            return self(tokens, loops=loops, cache=cache)[0][:, -1]
-
-        logits, n_cached, graph = forward(idx[:, -c.block_size:]), min(idx.size(1), c.block_size), None
-        for i in range(max_new_tokens):
-            logits = logits[:, :c.vocab_size].float() / max(temperature, 1e-6)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token.copy_(torch.multinomial(F.softmax(logits, dim=-1), num_samples=1))
-            idx = torch.cat([idx, token], dim=1)
-            if i == max_new_tokens - 1:
-                break
-            if n_cached == c.block_size:        # the window is full: start again from the last half of the text
-                cache.pos.zero_()
-                logits, n_cached = forward(idx[:, -(c.block_size // 2):]), c.block_size // 2
-                continue
-            n_cached += 1
-            if graph is not None:
-                graph.replay()          # reads `token`, writes the cache and `graph_logits`
-                logits = graph_logits
-            elif cuda_graph and idx.is_cuda:
-                # warm up on a side stream (as PyTorch asks), then record the same step, which does not run it
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    logits = forward(token)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    graph_logits = forward(token)
-            else:
-                logits = forward(token)
-        self.train(was_training)
-        return idx
-
-    # -------------------------------------------------------------------------
     # training helpers
 
     def configure_optimizers(self, lr, weight_decay, device_type):
@@ -468,22 +414,31 @@ class GPT(nn.Module):
 class KVCache:
     """Keys and values of every layer application (prelude layer i, core layer j at iteration r, coda
     layer i), one slot each, handed out in the order the layers run: memory grows linearly with the
-    loops. Shapes never change, so a decoding step can be replayed as a CUDA graph: each slot spans
-    the window, a mask hides the positions not written yet, and the next position `pos` lives on the
-    device. The caller keeps pos + L within max_len (generate does)."""
+    loops. Shapes never change, so a decoding step can be recorded once as a CUDA graph and replayed:
+    each slot spans the window, a mask hides the positions not written yet, and the next position
+    lives on the device (`pos`, advanced in place); `length` counts the same positions on the host."""
 
     def __init__(self, n_slots, max_len):
-        self.n_slots, self.max_len = n_slots, max_len
+        self.n_slots, self.max_len, self.length = n_slots, max_len, 0
         self.k = self.v = self.pos = None       # allocated on first use, on the model's device
+        self.slot = self.positions = self.mask = None       # of the forward under way
 
     def start(self, L, device):
         """A forward of L new tokens begins: their positions, and which keys each of them may see."""
+        if self.length + L > self.max_len:
+            raise ValueError(f"the cache holds {self.length} of {self.max_len} positions, no room for {L} more")
         if self.pos is None:
             self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.slot = 0
-        self.positions = self.pos + torch.arange(L, device=device)
+        self.slot, self.positions = 0, self.pos + torch.arange(L, device=device)
         self.mask = torch.arange(self.max_len, device=device) <= self.positions[:, None]     # (L, max_len)
+        self.pos += L
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self.length += L        # (recording a CUDA graph runs nothing: its replays count themselves)
         return self.positions
+
+    def reset(self):
+        self.pos.zero_()
+        self.length = 0
 
     @torch.compiler.disable     # `slot` is Python state: compiled blocks leave this to eager mode
     def update(self, k, v):
@@ -493,7 +448,8 @@ class KVCache:
             self.k = v.new_zeros(self.n_slots, B, H, self.max_len, D)
             self.v = v.new_zeros(self.n_slots, B, H, self.max_len, D)
         k_slot, v_slot = self.k[self.slot], self.v[self.slot]
-        k_slot.index_copy_(2, self.positions, k.to(k_slot.dtype))
+        k_slot.index_copy_(2, self.positions, k.to(k_slot.dtype))      # k may be fp32: rms_norm's output
         v_slot.index_copy_(2, self.positions, v)
         self.slot += 1
         return k_slot, v_slot
+

@@ -1,5 +1,6 @@
 """
 Sample from a model trained by train.py, looping its core as many times as you like.
+generate() is the decoding loop: prefill, then one new token at a time with the KV cache.
 
     python sample.py                                 # out/ckpt.pt, the model's mean_loops
     python sample.py --loops 16 --start "def main():"
@@ -11,8 +12,76 @@ import argparse
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 import train
+from model import KVCache
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None, cuda_graph=True):
+    """
+    Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times (default: the
+    model's mean_loops). The prompt is prefilled in one pass; then each new token costs one position
+    through every layer application, thanks to the KV cache. On a GPU that decoding step is recorded
+    once as a CUDA graph and replayed: at batch 1 it is hundreds of tiny kernels, too many to launch
+    one by one from Python.
+    """
+    was_training = model.training
+    model.eval()
+    c = model.config
+    loops = c.mean_loops if loops is None else loops
+    cache = KVCache(c.n_prelude + (loops if c.looped else 1) * c.n_core + c.n_coda, c.block_size)
+    token = idx[:, -1:].clone()         # the decoding step's input, at a fixed address for the graph
+
+    def forward(tokens):                # the logits of the token after `tokens`
+        return model(tokens, loops=loops, cache=cache)[0][:, -1]
+
+    decode = None                       # once recorded: the CUDA graph of a decoding step
+    logits = forward(idx[:, -c.block_size:])            # the prompt, in one pass
+    for i in range(max_new_tokens):
+        logits = logits[:, :c.vocab_size].float() / max(temperature, 1e-6)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        token.copy_(torch.multinomial(F.softmax(logits, dim=-1), num_samples=1))
+        idx = torch.cat([idx, token], dim=1)
+        if i == max_new_tokens - 1:
+            break
+        if cache.length == c.block_size:    # the window is full: start again from the last half of the text
+            cache.reset()
+            logits = forward(idx[:, -(c.block_size // 2):])
+        elif decode is not None:
+            logits = decode()
+        elif cuda_graph and idx.is_cuda:
+            logits, decode = record_cuda_graph(lambda: forward(token), cache)
+        else:
+            logits = forward(token)
+    model.train(was_training)
+    return idx
+
+
+def record_cuda_graph(step, cache):
+    """
+    Run step() (one decoding step), then record it as a CUDA graph, which runs nothing. Returns the
+    output and a function that replays the graph: the same kernels on the same memory, launched at
+    once. The graph reads the bf16 weights that autocast cast and cached during the eager steps; they
+    live as long as the caller's autocast block, which encloses all of generate().
+    """
+    side = torch.cuda.Stream()          # PyTorch asks for the warm-up on a side stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recorded = step()
+
+    def replay():
+        graph.replay()                  # writes the cache and `recorded` in place
+        cache.length += 1               # the host-side bookkeeping of a step, which a replay skips
+        return recorded
+    return out, replay
 
 
 def main(argv=None):
@@ -58,8 +127,8 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     with autocast:
-        out = model.generate(idx, args.max_new_tokens, loops=args.loops,
-                             temperature=args.temperature, top_k=args.top_k)
+        out = generate(model, idx, args.max_new_tokens, loops=args.loops,
+                       temperature=args.temperature, top_k=args.top_k)
     for row in out.tolist():
         print(decode(row if start else row[1:]))
         print("-" * 40)

@@ -128,6 +128,7 @@ def markdown(results):
         model, n = key.split()
         resumed = r.get("resumed_on_1_gpu")
         resumed = ", ".join(f"{v:.3f}" for v in resumed.values()) if resumed else "–"
+        # cut_at_step and note are annotations a person adds to ddp.json when a run was cut short
         n += f" (steps 0-{r['cut_at_step']} only)" if r.get("cut_at_step") else ""
         lines.append(f"| {model} | {n} | {r['tokens_per_sec']:,.0f} | {r['tokens_per_sec_per_gpu']:,.0f} | "
                      f"{100 * r['scaling_efficiency']:.0f} % | {r['peak_mem_gb']:.1f} | {r['max_loss_gap']:.4f} | {resumed} |")

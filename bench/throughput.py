@@ -26,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sample  # noqa: E402
 import train  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -110,10 +111,7 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / 2
         table = prof.key_averages()
-        # the GPU kernels' own time, summed: if it is well below the wall time, the GPU waits on Python
-        # (only the kernel rows: an operator's row repeats the time of the kernels it launched)
-        kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.self_device_time_total for e in kernels) / 2 / 1e6
+        busy = kernel_seconds(table) / 2
         result["gpu_busy_frac"] = busy / wall
         os.makedirs(os.path.dirname(profile_to), exist_ok=True)
         with open(profile_to, "w") as f:
@@ -124,16 +122,24 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
     return result
 
 
+def kernel_seconds(events):
+    """The GPU kernels' own time, summed over profiler events (as the table's "Self CUDA time total"):
+    if it is well below the wall time, the GPU waits on Python. Only the GPU rows count, and not
+    the GPU-side user annotations (such as Optimizer.step), which repeat their kernels' time."""
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+
+
 def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256):
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        model.generate(prompt, 32, loops=loops, cuda_graph=cuda_graph)         # warm-up
+        sample.generate(model, prompt, 32, loops=loops, cuda_graph=cuda_graph)         # warm-up
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        model.generate(prompt, new_tokens, loops=loops, cuda_graph=cuda_graph)
+        sample.generate(model, prompt, new_tokens, loops=loops, cuda_graph=cuda_graph)
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     c = model.config
@@ -257,7 +263,7 @@ def markdown(results):
                       f"{m32['peak_mem_gb']:.1f} GB with mean_loops 32."]
     if results["generation"]:
         lines += ["", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
-                      "(KV cache = its size for the whole 2048-token window):", "",
+                      "(KV cache: its size for the model's whole window of block_size tokens):", "",
                   "| loops | batch | decoding | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
                   "|---|---|---|---|---|---|---|"]
         for g in results["generation"]:

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import common  # noqa: E402
@@ -18,6 +19,7 @@ import ddp  # noqa: E402
 import loops  # noqa: E402
 import quality  # noqa: E402
 import stability  # noqa: E402
+import throughput  # noqa: E402
 
 SWEEP_MODELS, RATES = ["gpt", "parcae"], [2e-3, 16e-3]
 QUALITY_MODELS = ["gpt", "gpt_2x", "parcae"]
@@ -227,3 +229,29 @@ def test_the_ddp_bench_runs_with_two_cpu_processes_and_their_losses_agree(tiny_d
     resumed = two["resumed_on_1_gpu"]
     assert sorted(resumed) == [10] and math.isfinite(resumed[10]) and resumed[10] < one["losses"][0]
     assert (tmp_path / "results" / "ddp.md").read_text().count("| parcae_140m |") == 2
+
+
+def test_gpu_busy_time_counts_each_kernel_once():
+    """The profiler lists an operator (CPU row, its kernels' time attached), the kernels themselves
+    (GPU rows) and GPU-side annotations such as Optimizer.step: only the kernels are summed."""
+    from types import SimpleNamespace as Event
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [Event(device_type=cpu, is_user_annotation=False, self_device_time_total=300.0),    # aten::mm
+              Event(device_type=gpu, is_user_annotation=False, self_device_time_total=300.0),    # its kernel
+              Event(device_type=gpu, is_user_annotation=False, self_device_time_total=200.0),    # another
+              Event(device_type=gpu, is_user_annotation=True, self_device_time_total=200.0)]     # Muon.step
+    assert throughput.kernel_seconds(events) == pytest.approx(500e-6)
+
+
+def test_runs_spread_over_the_gpus_longest_budget_first(tmp_path, monkeypatch):
+    """run_all gives each run the least busy GPU (numbered among those CUDA_VISIBLE_DEVICES shows)
+    and starts the largest budgets first; here each fake run records the GPU it was given."""
+    script = "import os, sys; open(sys.argv[1], 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))"
+    monkeypatch.setattr(common, "train_command", lambda s: [sys.executable, "-c", script, s["out_dir"] + "/gpu.txt"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    runs = [(f"run{i}", dict(out_dir=str(tmp_path / f"run{i}"), max_iters=iters, batch_size=1,
+                             grad_accum_steps=1, block_size=8)) for i, iters in enumerate([10, 30, 20])]
+    common.run_all(runs, parallel=1, gpus=[0, 1])
+    given = {name: (tmp_path / name / "gpu.txt").read_text() for name, _ in runs}
+    assert given["run1"] == "5" and given["run2"] == "7"        # 30 and 20 steps start first, one per GPU
+    assert given["run0"] in ("5", "7")

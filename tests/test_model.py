@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.throughput import MaskedLoopGPT
 from conftest import ROOT
 from model import GPT, GPTConfig, KVCache, ParcaeInjection, apply_rotary, rotary_tables
+from sample import generate
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
 
@@ -252,11 +253,41 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward(injection, loops):
     assert torch.allclose(cached, full, atol=1e-5, rtol=1e-5)
 
 
+def test_the_cache_keeps_its_memory_fills_in_chunks_and_refuses_to_overflow():
+    """What replaying a CUDA graph relies on: the buffers and the position tensor never move (they
+    are updated in place), and the host-side length follows the positions written."""
+    model = tiny(init_state="zero", block_size=16).eval()
+    x = tokens(B=2, L=16)[:, :-1]
+    cache = KVCache(model.config.n_prelude + 3 * model.config.n_core + model.config.n_coda, 16)
+    with torch.no_grad():
+        full, _ = model(x, loops=3)
+        parts = [model(x[:, :5], loops=3, cache=cache)[0]]
+        buffers = cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr()
+        parts += [model(x[:, 5:9], loops=3, cache=cache)[0], model(x[:, 9:10], loops=3, cache=cache)[0]]
+        assert (cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr()) == buffers
+        assert cache.length == int(cache.pos) == 10
+        assert torch.allclose(torch.cat(parts, dim=1), full[:, :10], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="holds 10 of 16 positions, no room for 7 more"):
+            model(x[:, :7], loops=3, cache=cache)
+        cache.reset()
+        assert cache.length == int(cache.pos) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a GPU")
+def test_decoding_replayed_as_a_cuda_graph_matches_eager_decoding():
+    model = tiny(init_state="zero", block_size=16).cuda().eval()
+    prompt = tokens(B=2, L=5)[:, :-1].cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=True)
+        eager = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=False)
+    assert torch.equal(graphed, eager)
+
+
 @pytest.mark.parametrize("injection", ["parcae", "none"])
 def test_greedy_generation_matches_argmax_of_full_forwards_even_past_the_window(injection):
     model = tiny(injection, init_state="zero", block_size=16).eval()
     prompt = tokens(B=2, L=5)[:, :-1]
-    out = model.generate(prompt, max_new_tokens=20, loops=3, top_k=1)
+    out = generate(model, prompt, max_new_tokens=20, loops=3, top_k=1)
     assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt)
     # replay: once the window of 16 is full, generation restarts from the last 8 tokens
     idx, start = prompt, 0
@@ -271,7 +302,7 @@ def test_greedy_generation_matches_argmax_of_full_forwards_even_past_the_window(
 
 def test_generated_tokens_stay_inside_the_real_vocabulary():
     model = tiny().eval()
-    out = model.generate(tokens(B=4, L=3)[:, :-1], max_new_tokens=30, temperature=2.0)
+    out = generate(model, tokens(B=4, L=3)[:, :-1], max_new_tokens=30, temperature=2.0)
     assert out.max() < 97
 
 # -----------------------------------------------------------------------------
@@ -376,12 +407,12 @@ def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_mo
     from torch._dynamo.utils import counters
     model = tiny(init_state="zero", block_size=16).eval()
     prompt = tokens(B=2, L=5)[:, :-1]
-    eager = {loops: model.generate(prompt, 6, loops=loops, top_k=1) for loops in (2, 5)}
+    eager = {loops: generate(model, prompt, 6, loops=loops, top_k=1) for loops in (2, 5)}
     train.compile_blocks(model)
     try:
-        assert torch.equal(model.generate(prompt, 6, loops=2, top_k=1), eager[2])
+        assert torch.equal(generate(model, prompt, 6, loops=2, top_k=1), eager[2])
         graphs = counters["stats"]["unique_graphs"]
-        assert torch.equal(model.generate(prompt, 6, loops=5, top_k=1), eager[5])
+        assert torch.equal(generate(model, prompt, 6, loops=5, top_k=1), eager[5])
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
         torch._dynamo.reset()
