@@ -437,7 +437,9 @@ class KVCache:
         return self.positions
 
     def reset(self):
-        self.pos.zero_()
+        """Forget every position: the next forward starts the window again at position 0."""
+        if self.pos is not None:
+            self.pos.zero_()
         self.length = 0
 
     @torch.compiler.disable     # `slot` is Python state: compiled blocks leave this to eager mode

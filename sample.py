@@ -96,6 +96,8 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=200, help="sample only among the k likeliest tokens")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps ...")
+    p.add_argument("--no_cuda_graph", action="store_true",
+                   help="on a GPU, launch every decoding step from Python instead of replaying a CUDA graph")
     args = p.parse_args(argv)
     if args.loops is not None and args.loops < 1:
         raise SystemExit("--loops must be at least 1")
@@ -127,8 +129,8 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     with autocast:
-        out = generate(model, idx, args.max_new_tokens, loops=args.loops,
-                       temperature=args.temperature, top_k=args.top_k)
+        out = generate(model, idx, args.max_new_tokens, loops=args.loops, temperature=args.temperature,
+                       top_k=args.top_k, cuda_graph=not args.no_cuda_graph)
     for row in out.tolist():
         print(decode(row if start else row[1:]))
         print("-" * 40)
