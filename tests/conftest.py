@@ -1,13 +1,16 @@
-"""Shared fixtures: a tiny char-level dataset written to a temp folder, and a tiny model's settings."""
+"""Shared fixtures: a tiny char-level dataset written to a temp folder, a tiny model's settings,
+and a tiny random model with random tokens for it."""
 import json
 import os
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)    # so that tests import train, sample, model, prepare from the repo
+from model import GPT, GPTConfig  # noqa: E402
 
 # a few hundred thousand parameters less than the demo: each step takes milliseconds
 TINY = dict(n_embd=32, n_head=2, n_prelude=1, n_core=1, n_coda=1, block_size=32, batch_size=8,
@@ -45,3 +48,21 @@ def tiny_args(tmp_path, tiny_data):
         settings = {**TINY, "data_dir": str(tiny_data), "out_dir": str(tmp_path / "out"), **overrides}
         return [f"--{k}={v!r}" for k, v in settings.items()]
     return args
+
+
+def tiny(injection="parcae", **kw):
+    """A small model in fp32 whose weights are all random, so no block starts as the identity."""
+    kw = {"vocab_size": 97, "block_size": 64, "n_embd": 32, "n_head": 2, "n_prelude": 1, "n_core": 2,
+          "n_coda": 1, "mean_loops": 4, "backprop_loops": 2, "injection": injection, **kw}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "value_embed" not in name and "wte" not in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tokens(B=3, L=12, vocab=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, L + 1), generator=g)

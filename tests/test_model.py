@@ -9,29 +9,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.throughput import MaskedLoopGPT
-from conftest import ROOT
+from conftest import ROOT, tiny, tokens
 from model import GPT, GPTConfig, KVCache, ParcaeInjection, apply_rotary, rotary_tables
-from sample import generate
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
-
-
-def tiny(injection="parcae", **kw):
-    """A small model in fp32 whose weights are all random, so no block starts as the identity."""
-    kw = {"vocab_size": 97, "block_size": 64, "n_embd": 32, "n_head": 2, "n_prelude": 1, "n_core": 2,
-          "n_coda": 1, "mean_loops": 4, "backprop_loops": 2, "injection": injection, **kw}
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "value_embed" not in name and "wte" not in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def tokens(B=3, L=12, vocab=97, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (B, L + 1), generator=g)
 
 
 def count_core_calls(model):
@@ -235,7 +216,7 @@ def test_stability_stats_report_state_norm_residual_and_A_bar():
     assert tiny("none").stability_stats() == {}
 
 # -----------------------------------------------------------------------------
-# generation
+# the KV cache (generation itself: tests/test_sample.py)
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)
@@ -271,39 +252,6 @@ def test_the_cache_keeps_its_memory_fills_in_chunks_and_refuses_to_overflow():
             model(x[:, :7], loops=3, cache=cache)
         cache.reset()
         assert cache.length == int(cache.pos) == 0
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a GPU")
-def test_decoding_replayed_as_a_cuda_graph_matches_eager_decoding():
-    model = tiny(init_state="zero", block_size=16).cuda().eval()
-    prompt = tokens(B=2, L=5)[:, :-1].cuda()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        graphed = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=True)
-        eager = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=False)
-    assert torch.equal(graphed, eager)
-
-
-@pytest.mark.parametrize("injection", ["parcae", "none"])
-def test_greedy_generation_matches_argmax_of_full_forwards_even_past_the_window(injection):
-    model = tiny(injection, init_state="zero", block_size=16).eval()
-    prompt = tokens(B=2, L=5)[:, :-1]
-    out = generate(model, prompt, max_new_tokens=20, loops=3, top_k=1)
-    assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt)
-    # replay: once the window of 16 is full, generation restarts from the last 8 tokens
-    idx, start = prompt, 0
-    with torch.no_grad():
-        for _ in range(20):
-            if idx.size(1) - start > 16:
-                start = idx.size(1) - 8
-            logits, _ = model(idx[:, start:], loops=3)
-            idx = torch.cat([idx, logits[:, -1, :97].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, idx)
-
-
-def test_generated_tokens_stay_inside_the_real_vocabulary():
-    model = tiny().eval()
-    out = generate(model, tokens(B=4, L=3)[:, :-1], max_new_tokens=30, temperature=2.0)
-    assert out.max() < 97
 
 # -----------------------------------------------------------------------------
 # training helpers
@@ -398,21 +346,3 @@ def test_readme_line_pointers_name_what_is_on_those_lines():
     assert len(pointers) >= 6
     for number, name in pointers:
         assert name in lines[int(number) - 1], f"README points to model.py:{number} for {name}"
-
-
-def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_more_loops():
-    """With torch.compile'd blocks (as on a GPU), the cache's Python bookkeeping stays out of the
-    graphs: generation matches eager mode, and more loops (more cache slots) need no new graph."""
-    import train
-    from torch._dynamo.utils import counters
-    model = tiny(init_state="zero", block_size=16).eval()
-    prompt = tokens(B=2, L=5)[:, :-1]
-    eager = {loops: generate(model, prompt, 6, loops=loops, top_k=1) for loops in (2, 5)}
-    train.compile_blocks(model)
-    try:
-        assert torch.equal(generate(model, prompt, 6, loops=2, top_k=1), eager[2])
-        graphs = counters["stats"]["unique_graphs"]
-        assert torch.equal(generate(model, prompt, 6, loops=5, top_k=1), eager[5])
-        assert counters["stats"]["unique_graphs"] == graphs
-    finally:
-        torch._dynamo.reset()

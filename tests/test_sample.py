@@ -1,11 +1,14 @@
-"""sample.py, run as a user runs it, on a checkpoint of a tiny model."""
+"""sample.py: generate() on tiny random models, and the command line run as a user runs it on a
+checkpoint of a tiny model."""
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
-from conftest import ROOT, TINY, write_char_data
+from conftest import ROOT, TINY, tiny, tokens, write_char_data
+from sample import generate
 
 pytest.importorskip("prepare", reason="sample.py decodes with prepare.load_tokenizer")
 
@@ -53,3 +56,53 @@ def test_a_missing_checkpoint_is_a_one_line_error_saying_what_to_run(tmp_path):
 def test_a_prompt_outside_the_vocabulary_is_a_clear_error(out_dir):
     run = sample(f"--out_dir={out_dir}", "--start", "Ω")
     assert run.returncode == 1 and "cannot encode the prompt" in run.stderr
+
+
+@pytest.mark.parametrize("injection", ["parcae", "none"])
+def test_greedy_generation_matches_argmax_of_full_forwards_even_past_the_window(injection):
+    model = tiny(injection, init_state="zero", block_size=16).eval()
+    prompt = tokens(B=2, L=5)[:, :-1]
+    out = generate(model, prompt, max_new_tokens=20, loops=3, top_k=1)
+    assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt)
+    # replay: once the window of 16 is full, generation restarts from the last 8 tokens
+    idx, start = prompt, 0
+    with torch.no_grad():
+        for _ in range(20):
+            if idx.size(1) - start > 16:
+                start = idx.size(1) - 8
+            logits, _ = model(idx[:, start:], loops=3)
+            idx = torch.cat([idx, logits[:, -1, :97].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, idx)
+
+
+def test_generated_tokens_stay_inside_the_real_vocabulary():
+    model = tiny().eval()
+    out = generate(model, tokens(B=4, L=3)[:, :-1], max_new_tokens=30, temperature=2.0)
+    assert out.max() < 97
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a GPU")
+def test_decoding_replayed_as_a_cuda_graph_matches_eager_decoding():
+    model = tiny(init_state="zero", block_size=16).cuda().eval()
+    prompt = tokens(B=2, L=5)[:, :-1].cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=True)
+        eager = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=False)
+    assert torch.equal(graphed, eager)
+
+
+def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_more_loops():
+    """With torch.compile'd blocks (as on a GPU), the cache's Python bookkeeping stays out of the
+    graphs: generation matches eager mode, and more loops (more cache slots) need no new graph."""
+    from torch._dynamo.utils import counters
+    model = tiny(init_state="zero", block_size=16).eval()
+    prompt = tokens(B=2, L=5)[:, :-1]
+    eager = {loops: generate(model, prompt, 6, loops=loops, top_k=1) for loops in (2, 5)}
+    train.compile_blocks(model)
+    try:
+        assert torch.equal(generate(model, prompt, 6, loops=2, top_k=1), eager[2])
+        graphs = counters["stats"]["unique_graphs"]
+        assert torch.equal(generate(model, prompt, 6, loops=5, top_k=1), eager[5])
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
