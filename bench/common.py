@@ -31,8 +31,9 @@ from model import GPT  # noqa: E402
 # train: train.py settings of every run; layers: P/R/C of the looped models (gpt runs the
 # same layers once, gpt_2x twice as many); rates: the sweep's; sweep_tokens, budgets:
 # training tokens per run; evals: evaluations per run after step 0; parallel: runs at a
-# time; loops, loop_batches: loops.py's depths and batches; tokens_per_sec: measured, for
-# the time estimate.
+# time on each GPU; loops, loop_batches: loops.py's depths and batches; tokens_per_sec (one
+# GPU over all its runs) and run_tokens_per_sec (one run, the slowest model, sharing its GPU
+# with two others): measured, for the time estimate.
 
 PRESETS = {
     # seconds on a CPU, for the tests: it checks that the scripts run, not the science
@@ -57,7 +58,7 @@ PRESETS = {
         "layers": (1, 2, 1), "mean_loops": 4, "backprop_loops": 2,
         "rates": [2e-3, 4e-3, 8e-3, 16e-3, 32e-3], "sweep_tokens": 4_000_000, "budgets": [10_000_000, 40_000_000],
         "evals": 2, "parallel": 8, "loops": [1, 2, 4, 6, 8, 12, 16, 24, 32], "loop_batches": 32,
-        "tokens_per_sec": 330_000,
+        "tokens_per_sec": 330_000, "run_tokens_per_sec": 130_000,
     },
 }
 
@@ -330,9 +331,11 @@ def print_plan(runs, meta, what, preset, parallel, gpus=(None,)):
     print(f"{what}: {len(runs)} runs, {fmt_tokens(sum(tokens))} training tokens in all "
           f"(at most {fmt_tokens(max(tokens, default=0))} per run, {epochs:.1f} epochs of the training split)")
     if "tokens_per_sec" in preset and runs:
-        # the measured rate of one GPU over all its runs, plus ~15 s to start each wave of runs
+        # all GPUs busy at their measured rate, but no faster than the longest run alone;
+        # plus ~15 s to start each wave of runs
         rate = preset["tokens_per_sec"] * len(gpus)
-        print(f"  about {sum(tokens) / rate + 15 * math.ceil(len(runs) / (parallel * len(gpus))):.0f} s "
+        seconds = max(sum(tokens) / rate, max(tokens) / preset["run_tokens_per_sec"])
+        print(f"  about {seconds + 15 * math.ceil(len(runs) / (parallel * len(gpus))):.0f} s "
               f"on {len(gpus)} H200(s) ({fmt_tokens(rate)} tokens/s over all runs)")
     if epochs > 4:
         print(f"  warning: a run sees the training data {epochs:.1f} times")
