@@ -10,8 +10,9 @@ after warm-up, and reports tokens/s, step time, peak memory and MFU (model.py's 
 estimate against the GPU's peak). It also times the same Parcae model with the release's
 masked loop (every sequence padded to the deepest), the peak memory at mean_loops 8 and 32
 with backprop_loops 4, and generation with the KV cache at 1, 8 and 16 loops, replayed as a
-CUDA graph (with and without compiled blocks) and, at 16 loops, also launched op by op. --profile adds a torch.profiler table
-per model (its most expensive kernels, and how much of the step the GPU was busy).
+CUDA graph (with and without compiled blocks) and, at 16 loops, also launched op by op.
+--profile adds a torch.profiler table per model (its most expensive kernels, and how much of
+the step the GPU was busy).
 """
 
 import argparse
@@ -19,13 +20,14 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from model import GPT  # noqa: E402
@@ -172,8 +174,8 @@ def main():
         raise SystemExit("bench/throughput.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-               "cuda": torch.version.cuda, "commit": commit(), "steps": args.steps, "warmup": args.warmup,
-               "accum": args.accum, "training": {}, "generation": []}
+               "cuda": torch.version.cuda, "commit": common.environment()["commit"], "steps": args.steps,
+               "warmup": args.warmup, "accum": args.accum, "training": {}, "generation": []}
 
     def run(label, name, cls=GPT, dynamic=None, **overrides):
         model, settings = build(name, args.vocab_size, cls, **overrides)
@@ -211,13 +213,8 @@ def main():
                 run("parcae_350m mean_loops=32", "parcae_350m", mean_loops=32, backprop_loops=4)
     if not args.skip_generation:
         model, _ = build("parcae_350m", args.vocab_size)
-        cases = [(loops, batch, True, False) for loops in (1, 8, 16) for batch in (1, 8)]
-        cases += [(16, 1, False, False), (16, 8, False, False)]    # every kernel launched from Python
-        # last, the blocks compiled as train.py compiles them, inside the same CUDA graph
-        cases += [(loops, batch, True, True) for loops in (1, 8, 16) for batch in (1, 8)]
-        for loops, batch_size, graph, compiled in cases:
-            if compiled and not results["generation"][-1].get("compiled"):
-                train.compile_blocks(model)
+
+        def measure(loops, batch_size, graph, compiled):
             g = time_generation(model, loops, batch_size, graph)
             g["compiled"] = compiled
             results["generation"].append(g)
@@ -225,16 +222,18 @@ def main():
             print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
                   f"{', compiled' if compiled else ''}: {g['new_tokens_per_sec']:8.1f} tok/s  "
                   f"cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB", flush=True)
+
+        for loops in (1, 8, 16):
+            for batch_size in (1, 8):
+                measure(loops, batch_size, graph=True, compiled=False)
+        for batch_size in (1, 8):       # every kernel launched from Python
+            measure(16, batch_size, graph=False, compiled=False)
+        train.compile_blocks(model)     # last, the blocks compiled as train.py does, inside the same graph
+        for loops in (1, 8, 16):
+            for batch_size in (1, 8):
+                measure(loops, batch_size, graph=True, compiled=True)
         del model
     print(markdown(results))
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def markdown(results):
