@@ -322,7 +322,12 @@ class GPT(nn.Module):
         for block in self.coda:
             x = block(x, idx, cos, sin, cache)
 
-        logits = F.linear(self.norm_f(x), self.wte.weight)     # tied head, logit scale 1
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """Logits (tied head, logit scale 1) and, given targets, the mean cross-entropy in fp32. Compiled
+        (train.py), the fp32 upcast fuses into the log-softmax: no fp32 copy of the (B, L, 50k) logits."""
+        logits = F.linear(self.norm_f(x), self.wte.weight)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -386,8 +391,7 @@ class GPT(nn.Module):
         matrices = {id(m.weight) for b in self.blocks() for m in b.modules() if isinstance(m, nn.Linear)}
         muon_params = [p for p in self.parameters() if id(p) in matrices]
         adam_params = [p for p in self.parameters() if id(p) not in matrices]
-        # PyTorch's Muon scales each matrix's lr by sqrt(max(1, rows/cols)), as the recipe says
-        muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95)
+        muon = Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95)
         adamw = torch.optim.AdamW(adam_params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
                                   fused=(device_type == "cuda"))
         return [muon, adamw]
@@ -409,6 +413,45 @@ class GPT(nn.Module):
         once = (c.n_prelude + c.n_coda) * per_block + 2 * c.n_embd ** 2 + head    # prelude, coda, C, head
         loop = c.n_core * per_block + inj
         return (once + c.mean_loops * loop) + 2 * (once + min(c.backprop_loops, c.mean_loops) * loop)
+
+
+class Muon(torch.optim.Optimizer):
+    """
+    Muon for the blocks' matrices: Nesterov momentum, then the update is orthogonalised (singular values
+    pushed to about 1) by Newton–Schulz, its lr scaled by sqrt(max(1, rows/cols)), with decoupled weight
+    decay. torch.optim.Muon's step, but matrices of one shape go through Newton–Schulz together: one at
+    a time, the 350m models' 72 matrices took 30 ms of a 264 ms H200 step, in ~1,500 tiny kernels.
+    """
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @staticmethod
+    def orthogonalize(G, steps):
+        """X ← aX + (bA + cA²)X with A = XXᵀ, from X = G/‖G‖, for G (n, rows, cols), in bf16. These
+        coefficients (Keller Jordan's) leave the singular values in about [0.7, 1.2], not at 1, in
+        exchange for converging in 5 steps; that trains as well."""
+        a, b, c = 3.4445, -4.7750, 2.0315
+        tall = G.size(-2) > G.size(-1)
+        X = G.bfloat16().mT if tall else G.bfloat16()     # wide, so that A is the smaller square
+        X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)     # spectral norm ≤ Frobenius = 1
+        for _ in range(steps):
+            A = X @ X.mT
+            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+        return X.mT if tall else X
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, beta, by_shape = group["lr"], group["momentum"], {}
+            for p in (p for p in group["params"] if p.grad is not None):
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - beta)                                         # β·buf + (1-β)·g
+                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, beta)))  # Nesterov
+            for (rows, cols), pairs in by_shape.items():
+                updates = self.orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
+                for (p, _), u in zip(pairs, updates):
+                    p.mul_(1 - lr * group["weight_decay"]).add_(u, alpha=-lr * max(1, rows / cols) ** 0.5)
 
 
 class KVCache:

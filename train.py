@@ -257,14 +257,15 @@ def estimate_mfu(model, tokens_per_sec, device=None):
     return None if peak is None else model.flops_per_token() * tokens_per_sec / peak
 
 
-def compile_blocks(model, dynamic=None):
+def compile_model(model, dynamic=None):
     """
-    torch.compile each block, so the data-dependent loop stays in Python. With dynamic=None
-    shapes start static; the first time a block sees another number of running sequences,
-    Dynamo recompiles it once with that size symbolic, and no later depth compiles again.
+    torch.compile each block and the head, so the data-dependent loop stays in Python. With
+    dynamic=None shapes start static; the first time a block sees another number of running
+    sequences, Dynamo recompiles it once with that size symbolic, and no later depth compiles again.
     """
     for block in model.blocks():
         block.compile(dynamic=dynamic)
+    model.head = torch.compile(model.head, dynamic=dynamic)     # (the instance's attribute hides the method)
     # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:
     # with or without a value embedding, gradient, fp32 or bf16 input, one sequence or more
     torch._dynamo.config.recompile_limit = 64
@@ -345,7 +346,7 @@ def train(cfg, rank, world, device):
         kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
         raise SystemExit(f"stopped at step {step}: {why} ({kept})")
     if use_compile:
-        compile_blocks(raw_model)
+        compile_model(raw_model)
     if world > 1:
         # the rotary tables are constants: no need to broadcast buffers before every forward
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

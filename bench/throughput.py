@@ -5,12 +5,12 @@ Training and generation speed on one GPU, side by side.
     python bench/throughput.py --models parcae_140m gpt_140m --skip_generation --out bench/results/throughput_140m
 
 For each config it times real training steps (--accum micro-batches of the config's size,
-forward and backward, then clip and the Muon + AdamW step; bf16 autocast; compiled blocks)
+forward and backward, then clip and the Muon + AdamW step; bf16 autocast; compiled as train.py does)
 after warm-up, and reports tokens/s, step time, peak memory and MFU (model.py's FLOPs
 estimate against the GPU's peak). It also times the same Parcae model with the release's
 masked loop (every sequence padded to the deepest), the peak memory at mean_loops 8 and 32
 with backprop_loops 4, and generation with the KV cache at 1, 8 and 16 loops, replayed as a
-CUDA graph (with and without compiled blocks) and, at 16 loops, also launched op by op.
+CUDA graph (with and without compiling the blocks and head) and, at 16 loops, also launched op by op.
 --profile adds a torch.profiler table per model (its most expensive kernels, and how much of
 the step the GPU was busy).
 """
@@ -72,7 +72,7 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
     steps after `warmup`, synced. With profile_to, also a torch.profiler table of 2 more steps'
     most expensive GPU kernels, and how busy the GPU was, written to that file."""
     c = model.config
-    train.compile_blocks(model, dynamic)        # as train.py does
+    train.compile_model(model, dynamic)        # as train.py does
     optimizers = model.configure_optimizers(lr=1e-3, weight_decay=0.2, device_type="cuda")
     torch.manual_seed(0)
     data = torch.randint(0, c.vocab_size, (accum, batch_size, c.block_size + 1), device="cuda")
@@ -228,7 +228,7 @@ def main():
                 measure(loops, batch_size, graph=True, compiled=False)
         for batch_size in (1, 8):       # every kernel launched from Python
             measure(16, batch_size, graph=False, compiled=False)
-        train.compile_blocks(model)     # last, the blocks compiled as train.py does, inside the same graph
+        train.compile_model(model)      # last, compiled as train.py does, inside the same graph
         for loops in (1, 8, 16):
             for batch_size in (1, 8):
                 measure(loops, batch_size, graph=True, compiled=True)
@@ -239,7 +239,7 @@ def main():
 def markdown(results):
     accum = results.get("accum", 1)
     lines = [f"Training on one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, commit "
-             f"{results.get('commit')}), bf16, compiled blocks; a step is {accum} micro-batch(es) and one optimizer "
+             f"{results.get('commit')}), bf16, compiled blocks and head; a step is {accum} micro-batch(es) and one optimizer "
              f"step; mean of {results['steps']} steps after {results['warmup']} warm-up steps:", "",
              "| model | params | micro-batch | tokens/s | step (ms) | MFU | GPU busy | peak memory (GB) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -266,7 +266,7 @@ def markdown(results):
                   "| loops | batch | decoding | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
                   "|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
-            mode = ("CUDA graph" if g.get("cuda_graph", False) else "eager") + (", compiled blocks" if g.get("compiled") else "")
+            mode = ("CUDA graph" if g.get("cuda_graph", False) else "eager") + (", compiled" if g.get("compiled") else "")
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g['new_tokens_per_sec']:,.0f} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.throughput import MaskedLoopGPT
 from conftest import ROOT, tiny, tokens
-from model import GPT, GPTConfig, KVCache, ParcaeInjection, apply_rotary, rotary_tables
+from model import GPT, GPTConfig, KVCache, Muon, ParcaeInjection, apply_rotary, rotary_tables
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
 
@@ -284,6 +284,28 @@ def test_optimizer_groups_muon_for_block_matrices_adamw_for_the_rest():
               "core.0.value_embed.weight", "norm_f.weight"):
         assert n in adam_names
     assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.defaults["weight_decay"] == 0
+
+
+def test_muon_batched_by_shape_takes_the_same_steps_as_torch_optim_muon():
+    """Wide, tall and square matrices, two of some shapes, over steps with momentum and weight decay."""
+    torch.manual_seed(0)
+    shapes = [(16, 48), (48, 16), (16, 48), (24, 24), (48, 16)]
+    start = [torch.randn(s) for s in shapes]
+    ours = [torch.nn.Parameter(w.clone()) for w in start]
+    theirs = [torch.nn.Parameter(w.clone()) for w in start]
+    opts = [Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.9),
+            torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.9)]
+    for _ in range(3):
+        for a, b, s in zip(ours, theirs, shapes):
+            a.grad = torch.randn(s)
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+    for a, b, w in zip(ours, theirs, start):
+        assert not torch.equal(a, w)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # the state has the same form, so checkpoints saved with torch.optim.Muon resume
+    assert opts[0].state_dict()["state"][0].keys() == opts[1].state_dict()["state"][0].keys()
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)

@@ -99,6 +99,26 @@ def test_mfu_needs_a_known_gpu_and_peak_rates_match_whole_names(monkeypatch):
     assert train.estimate_mfu(model, 1e6, "cuda") == pytest.approx(model.flops_per_token() * 1e6 / 989e12)
 
 
+def test_the_compiled_model_computes_the_same_loss_and_gradients():
+    """train.py compiles every block and the head (its fused fp32 cross-entropy) for GPU runs."""
+    from conftest import tiny, tokens
+    x = tokens(B=4)
+    losses, grads = [], []
+    for compiled in (False, True):
+        model = tiny().train()
+        if compiled:
+            train.compile_model(model)
+        torch.manual_seed(0)            # the same depths and h_0
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch._dynamo.reset()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("injection", ["parcae", "none"])
 def test_a_30_step_run_learns_the_pattern(tiny_args, tmp_path, injection):
     final = train.main(tiny_args(injection=injection))
