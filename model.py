@@ -396,11 +396,12 @@ class GPT(nn.Module):
                                   fused=(device_type == "cuda"))
         return [muon, adamw]
 
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (matmuls only): the forward runs the core mean_loops times, but only
-        the last backprop_loops iterations are backpropagated (backward = 2 × forward of what carries
-        gradient). Attention counts the causal half computed; value-embedding lookups cost none."""
+    def flops_per_token(self, seq_len=None, loops=None):
+        """Training FLOPs per token (matmuls only): the forward runs the core `loops` times (default
+        mean_loops), but only the last backprop_loops iterations are backpropagated (backward = 2 ×
+        forward of what carries gradient). Attention counts the causal half; value-embedding lookups cost none."""
         c = self.config
+        T = loops or c.mean_loops
         L = seq_len or c.block_size
         block = self.prelude[0] if c.n_prelude else self.core[0]
         block_params = sum(p.numel() for n, p in block.named_parameters()
@@ -412,7 +413,7 @@ class GPT(nn.Module):
         inj = {"parcae": 2 * c.n_embd ** 2, "linear": 4 * c.n_embd ** 2, "add": 0}[c.injection]
         once = (c.n_prelude + c.n_coda) * per_block + 2 * c.n_embd ** 2 + head    # prelude, coda, C, head
         loop = c.n_core * per_block + inj
-        return (once + c.mean_loops * loop) + 2 * (once + min(c.backprop_loops, c.mean_loops) * loop)
+        return (once + T * loop) + 2 * (once + min(c.backprop_loops, T) * loop)
 
 
 class Muon(torch.optim.Optimizer):

@@ -12,7 +12,8 @@ masked loop (every sequence padded to the deepest), the peak memory at mean_loop
 with backprop_loops 4, and generation with the KV cache at 1, 8 and 16 loops, replayed as a
 CUDA graph (with and without compiling the blocks and head) and, at 16 loops, also launched op by op.
 --profile adds a torch.profiler table per model (its most expensive kernels, and how much of
-the step the GPU was busy).
+the step the GPU was busy), and of decoding at 16 loops, with and without compiling. Beside the masked loop's speed it gives its FLOPs ratio, the most
+that skipping finished sequences can gain; `--flops_ratio_only` prints just that, on any machine.
 """
 
 import argparse
@@ -58,11 +59,24 @@ class MaskedLoopGPT(GPT):
         return h
 
 
-def build(name, vocab_size, cls=GPT, **overrides):
+def masked_loop_flops_ratio(model, batch_size, draws=1000):
+    """The masked loop's training FLOPs over the active-sequences loop's, for micro-batches of depths
+    drawn as in training: the most that computing only the running sequences can gain. The masked
+    loop runs every sequence of a micro-batch to the deepest one's depth."""
+    torch.manual_seed(0)
+    active = masked = 0.0
+    for _ in range(draws):
+        depths = model.sample_depths(batch_size).tolist()
+        active += sum(model.flops_per_token(loops=T) for T in depths) / batch_size
+        masked += model.flops_per_token(loops=max(depths))
+    return masked / active
+
+
+def build(name, vocab_size, cls=GPT, device="cuda", **overrides):
     """The model of config/<name>.py, read and checked as train.py reads it, on the GPU."""
     settings = {**train.parse_settings([os.path.join(ROOT, "config", name + ".py")]), **overrides}
     config = train.model_config(settings, vocab_size)
-    with torch.device("cuda"):        # initialise on the GPU: orthogonal_ of the embeddings is slow on a CPU
+    with torch.device(device):        # on the GPU: a CPU takes seconds for orthogonal_ of the embeddings
         model = cls(config)
     return model, settings
 
@@ -153,6 +167,30 @@ def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, n
             "extra_mem_gb": (torch.cuda.max_memory_allocated() - base) / 1e9}
 
 
+def profile_decoding(model, loops, path, new_tokens=16):
+    """A torch.profiler table of decoding steps at batch 1, each kernel launched from Python so that
+    the profiler sees them one by one (a CUDA graph replays the same kernels): which kernels a new
+    token costs, how many, and how long each runs on the GPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, model.config.vocab_size, (1, 128), device=device)
+    on_gpu = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        sample.generate(model, prompt, 4, loops=loops, cuda_graph=False)        # warm-up (and compiling)
+        with torch.profiler.profile(activities=activities) as prof:
+            sample.generate(model, prompt, new_tokens + 1, loops=loops, cuda_graph=False)   # prefill + new_tokens steps
+            if on_gpu:
+                torch.cuda.synchronize()
+    table = prof.key_averages()
+    n_kernels = sum(e.count for e in table if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"loops {loops}, batch 1: the prefill of 128 tokens and {new_tokens} decoding steps; {n_kernels} GPU "
+                f"kernels, {1e3 * kernel_seconds(table):.1f} ms of GPU time in all\n\n")
+        f.write(table.table(sort_by="device_time_total" if on_gpu else "cpu_time_total", row_limit=50))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gpt_350m", "parcae_350m", "looped_add_350m",
@@ -168,8 +206,16 @@ def main():
                         "dynamic=True (every size symbolic from the start), as train.py did before")
     parser.add_argument("--skip_training", action="store_true", help="time generation only")
     parser.add_argument("--skip_generation", action="store_true", help="time training only")
+    parser.add_argument("--flops_ratio_only", action="store_true", help="only print, for each Parcae model, the "
+                        "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "throughput"))
     args = parser.parse_args()
+    if args.flops_ratio_only:
+        for name in [m for m in args.models if m.startswith("parcae")]:
+            model, settings = build(name, args.vocab_size, device="cpu")
+            print(f"{name}: the masked loop costs {masked_loop_flops_ratio(model, settings['batch_size']):.3f}× the "
+                  f"active-sequences loop's training FLOPs at micro-batch {settings['batch_size']}")
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench/throughput.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -182,6 +228,8 @@ def main():
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")      # a plain file name
         profile_to = os.path.join(os.path.dirname(args.out), "profiles", f"{safe}.txt") if args.profile else None
         r = time_training(model, settings["batch_size"], args.accum, args.steps, args.warmup, profile_to, dynamic)
+        if cls is MaskedLoopGPT:
+            r["flops_ratio"] = masked_loop_flops_ratio(model, settings["batch_size"])
         results["training"][label] = r
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"{label:28s} {r['tokens_per_sec'] / 1e3:8.1f}k tok/s  {r['step_ms']:8.1f} ms/step  "
@@ -228,17 +276,22 @@ def main():
                 measure(loops, batch_size, graph=True, compiled=False)
         for batch_size in (1, 8):       # every kernel launched from Python
             measure(16, batch_size, graph=False, compiled=False)
+        profiles = os.path.join(os.path.dirname(args.out), "profiles")
+        if args.profile:
+            profile_decoding(model, 16, os.path.join(profiles, "generate_loops16.txt"))
         train.compile_model(model)      # last, compiled as train.py does, inside the same graph
         for loops in (1, 8, 16):
             for batch_size in (1, 8):
                 measure(loops, batch_size, graph=True, compiled=True)
+        if args.profile:
+            profile_decoding(model, 16, os.path.join(profiles, "generate_loops16_compiled.txt"))
         del model
     print(markdown(results))
 
 
 def markdown(results):
     accum = results.get("accum", 1)
-    lines = [f"Training on one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, commit "
+    lines = [] if not results["training"] else [f"Training on one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, commit "
              f"{results.get('commit')}), bf16, compiled blocks and head; a step is {accum} micro-batch(es) and one optimizer "
              f"step; mean of {results['steps']} steps after {results['warmup']} warm-up steps:", "",
              "| model | params | micro-batch | tokens/s | step (ms) | MFU | GPU busy | peak memory (GB) |",
@@ -253,15 +306,18 @@ def markdown(results):
         for suffix in ("", ", dynamic=True"):
             a, b = t.get(f"parcae_{size}{suffix}"), t.get(f"parcae_{size} (masked loop){suffix}")
             if a and b:
+                bound = f" (its FLOPs ratio, the most it can gain: {b['flops_ratio']:.2f}×)" if "flops_ratio" in b else ""
                 lines += ["", f"Active-sequences loop vs masked loop, parcae_{size}{suffix}: "
-                              f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}× the tokens/s."]
+                              f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}× the tokens/s{bound}."]
     m8, m32 = t.get("parcae_350m"), t.get("parcae_350m mean_loops=32")
     if m8 and m32:
         lines += ["", f"Training memory depends on backprop_loops, not on the no-grad iterations: parcae_350m "
                       f"(backprop_loops 4) peaks at {m8['peak_mem_gb']:.1f} GB with mean_loops 8 and "
                       f"{m32['peak_mem_gb']:.1f} GB with mean_loops 32."]
     if results["generation"]:
-        lines += ["", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
+        lines += ["" if lines else f"On one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, "
+                                      f"commit {results.get('commit')}).",
+                  "", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
                       "(KV cache: its size for the model's whole window of block_size tokens):", "",
                   "| loops | batch | decoding | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
                   "|---|---|---|---|---|---|---|"]

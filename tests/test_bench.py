@@ -255,3 +255,25 @@ def test_runs_spread_over_the_gpus_longest_budget_first(tmp_path, monkeypatch):
     given = {name: (tmp_path / name / "gpu.txt").read_text() for name, _ in runs}
     assert given["run1"] == "5" and given["run2"] == "7"        # 30 and 20 steps start first, one per GPU
     assert given["run0"] in ("5", "7")
+
+
+def test_the_masked_loops_flops_ratio_is_one_for_fixed_depths_and_grows_with_the_spread():
+    """The most that skipping finished sequences can gain: nothing when every depth is the same, more
+    when a micro-batch holds more sequences (its deepest one is deeper)."""
+    from conftest import tiny
+    assert throughput.masked_loop_flops_ratio(tiny(depth_sampling="fixed"), 8, draws=20) == 1.0
+    model = tiny(mean_loops=8, backprop_loops=4)
+    small, large = (throughput.masked_loop_flops_ratio(model, B, draws=200) for B in (2, 32))
+    assert 1.0 < small < large
+    # one sequence per micro-batch: nothing to skip
+    assert throughput.masked_loop_flops_ratio(model, 1, draws=20) == pytest.approx(1.0)
+
+
+def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(tmp_path):
+    from conftest import tiny
+    path = tmp_path / "profiles" / "generate.txt"
+    model = tiny(block_size=160)
+    throughput.profile_decoding(model, 2, str(path), new_tokens=3)
+    text = path.read_text()
+    assert text.startswith("loops 2, batch 1: the prefill of 128 tokens and 3 decoding steps")
+    assert "aten::scaled_dot_product_attention" in text
