@@ -25,7 +25,7 @@ def out_dir(tmp_path_factory):
 
 
 def sample(*args):
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("loops", [["--loops", "1"], ["--loops=16"]])

@@ -221,11 +221,11 @@ def test_two_ddp_processes_train_like_one_process_with_the_same_global_batch(tin
     common = dict(max_iters=8, eval_interval=4, grad_accum_steps=2, **randomness)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "train.py", *tiny_args(**common, out_dir=str(tmp_path / "one"))],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "train.py", *tiny_args(**common, out_dir=str(tmp_path / "two"))],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     assert "on 2 process(es)" in two.stdout
     single, ddp = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
