@@ -421,7 +421,7 @@ class Muon(torch.optim.Optimizer):
     Muon for the blocks' matrices: Nesterov momentum, then the update is orthogonalised (singular values
     pushed to about 1) by Newton–Schulz, its lr scaled by sqrt(max(1, rows/cols)), with decoupled weight
     decay. torch.optim.Muon's step, but matrices of one shape go through Newton–Schulz together: one at
-    a time, the 350m models' 72 matrices took 30 ms of a 264 ms H200 step, in ~1,500 tiny kernels.
+    a time, the 350m models' 78 matrices took 30 ms of a 264 ms H200 step, in some 20 kernels each.
     """
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
@@ -446,7 +446,9 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, beta, by_shape = group["lr"], group["momentum"], {}
             for p in (p for p in group["params"] if p.grad is not None):
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - beta)                                         # β·buf + (1-β)·g
                 by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, beta)))  # Nesterov
             for (rows, cols), pairs in by_shape.items():

@@ -25,7 +25,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ save_checkpoint = True
 seed = 1337
 device = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps ...
 dtype = "auto"                   # auto (bfloat16 autocast on cuda, float32 elsewhere) | bfloat16 | float32
-compile = "auto"                 # torch.compile the blocks: auto (on cuda only) | True | False
+compile = "auto"                 # torch.compile the blocks and head: auto (on cuda only) | True | False
 # model (the vocabulary size comes from the data's meta.json)
 block_size = 128
 n_embd = 96
@@ -265,7 +265,8 @@ def compile_model(model, dynamic=None):
     """
     for block in model.blocks():
         block.compile(dynamic=dynamic)
-    model.head = torch.compile(model.head, dynamic=dynamic)     # (the instance's attribute hides the method)
+    # the compiled head, bound to this model as a method is, hides GPT.head for this instance
+    model.head = MethodType(torch.compile(GPT.head, dynamic=dynamic), model)
     # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:
     # with or without a value embedding, gradient, fp32 or bf16 input, one sequence or more
     torch._dynamo.config.recompile_limit = 64

@@ -5,15 +5,16 @@ Training and generation speed on one GPU, side by side.
     python bench/throughput.py --models parcae_140m gpt_140m --skip_generation --out bench/results/throughput_140m
 
 For each config it times real training steps (--accum micro-batches of the config's size,
-forward and backward, then clip and the Muon + AdamW step; bf16 autocast; compiled as train.py does)
-after warm-up, and reports tokens/s, step time, peak memory and MFU (model.py's FLOPs
+forward and backward, then clip and the Muon + AdamW step; bf16 autocast; compiled as train.py
+does) after warm-up, and reports tokens/s, step time, peak memory and MFU (model.py's FLOPs
 estimate against the GPU's peak). It also times the same Parcae model with the release's
-masked loop (every sequence padded to the deepest), the peak memory at mean_loops 8 and 32
-with backprop_loops 4, and generation with the KV cache at 1, 8 and 16 loops, replayed as a
-CUDA graph (with and without compiling the blocks and head) and, at 16 loops, also launched op by op.
---profile adds a torch.profiler table per model (its most expensive kernels, and how much of
-the step the GPU was busy), and of decoding at 16 loops, with and without compiling. Beside the masked loop's speed it gives its FLOPs ratio, the most
-that skipping finished sequences can gain; `--flops_ratio_only` prints just that, on any machine.
+masked loop (every sequence padded to the deepest) and gives that loop's FLOPs ratio, the most
+that skipping finished sequences can gain (`--flops_ratio_only` prints just the ratio, on any
+machine); the peak memory at mean_loops 8 and 32 with backprop_loops 4; and generation with
+the KV cache at 1, 8 and 16 loops, replayed as a CUDA graph (with and without compiling the
+blocks and head) and, at 16 loops, also launched op by op. --profile adds a torch.profiler
+table per model (its most expensive kernels, and how much of the step the GPU was busy), and
+two of decoding at 16 loops, with and without compiling.
 """
 
 import argparse
@@ -63,17 +64,18 @@ def masked_loop_flops_ratio(model, batch_size, draws=1000):
     """The masked loop's training FLOPs over the active-sequences loop's, for micro-batches of depths
     drawn as in training: the most that computing only the running sequences can gain. The masked
     loop runs every sequence of a micro-batch to the deepest one's depth."""
-    torch.manual_seed(0)
     active = masked = 0.0
-    for _ in range(draws):
-        depths = model.sample_depths(batch_size).tolist()
-        active += sum(model.flops_per_token(loops=T) for T in depths) / batch_size
-        masked += model.flops_per_token(loops=max(depths))
+    with torch.random.fork_rng(devices=[]):     # the same draws every time, and the caller's RNG untouched
+        torch.manual_seed(0)
+        for _ in range(draws):
+            depths = model.sample_depths(batch_size).tolist()
+            active += sum(model.flops_per_token(loops=T) for T in depths) / batch_size
+            masked += model.flops_per_token(loops=max(depths))
     return masked / active
 
 
 def build(name, vocab_size, cls=GPT, device="cuda", **overrides):
-    """The model of config/<name>.py, read and checked as train.py reads it, on the GPU."""
+    """The model of config/<name>.py, read and checked as train.py reads it, on `device`."""
     settings = {**train.parse_settings([os.path.join(ROOT, "config", name + ".py")]), **overrides}
     config = train.model_config(settings, vocab_size)
     with torch.device(device):        # on the GPU: a CPU takes seconds for orthogonal_ of the embeddings
@@ -139,11 +141,13 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
 
 
 def kernel_seconds(events):
-    """The GPU kernels' own time, summed over profiler events (as the table's "Self CUDA time total"):
-    if it is well below the wall time, the GPU waits on Python. Only the GPU rows count, and not
-    the GPU-side user annotations (such as Optimizer.step), which repeat their kernels' time."""
+    """The GPU kernels' own time, summed over profiler events: if it is well below the wall time, the
+    GPU waits on Python. Only the GPU rows count, and not the GPU-side user annotations (such as
+    Optimizer.step), which repeat their kernels' time, nor the "Command Buffer Full" rows: the profiler
+    gives those GPU time, but they are the CPU waiting for room in the launch queue, not kernels."""
     return sum(e.self_device_time_total for e in events
-               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+               and e.key != "Command Buffer Full") / 1e6
 
 
 def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256):
@@ -183,7 +187,8 @@ def profile_decoding(model, loops, path, new_tokens=16):
             if on_gpu:
                 torch.cuda.synchronize()
     table = prof.key_averages()
-    n_kernels = sum(e.count for e in table if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+    n_kernels = sum(e.count for e in table if e.device_type == torch.autograd.DeviceType.CUDA
+                    and not e.is_user_annotation and e.key != "Command Buffer Full")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"loops {loops}, batch 1: the prefill of 128 tokens and {new_tokens} decoding steps; {n_kernels} GPU "
@@ -290,12 +295,15 @@ def main():
 
 
 def markdown(results):
-    accum = results.get("accum", 1)
-    lines = [] if not results["training"] else [f"Training on one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, commit "
-             f"{results.get('commit')}), bf16, compiled blocks and head; a step is {accum} micro-batch(es) and one optimizer "
-             f"step; mean of {results['steps']} steps after {results['warmup']} warm-up steps:", "",
-             "| model | params | micro-batch | tokens/s | step (ms) | MFU | GPU busy | peak memory (GB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    machine = (f"one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, "
+               f"commit {results.get('commit')})")
+    lines = []
+    if results["training"]:
+        lines += [f"Training on {machine}, bf16, compiled blocks and head; a step is {results.get('accum', 1)} "
+                  f"micro-batch(es) and one optimizer step; mean of {results['steps']} steps after "
+                  f"{results['warmup']} warm-up steps:", "",
+                  "| model | params | micro-batch | tokens/s | step (ms) | MFU | GPU busy | peak memory (GB) |",
+                  "|---|---|---|---|---|---|---|---|"]
     for label, r in results["training"].items():
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a"
         busy = f"{100 * r['gpu_busy_frac']:.0f} %" if r.get("gpu_busy_frac") else "–"
@@ -306,7 +314,7 @@ def markdown(results):
         for suffix in ("", ", dynamic=True"):
             a, b = t.get(f"parcae_{size}{suffix}"), t.get(f"parcae_{size} (masked loop){suffix}")
             if a and b:
-                bound = f" (its FLOPs ratio, the most it can gain: {b['flops_ratio']:.2f}×)" if "flops_ratio" in b else ""
+                bound = f" (the FLOPs allow {b['flops_ratio']:.2f}×)" if "flops_ratio" in b else ""
                 lines += ["", f"Active-sequences loop vs masked loop, parcae_{size}{suffix}: "
                               f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}× the tokens/s{bound}."]
     m8, m32 = t.get("parcae_350m"), t.get("parcae_350m mean_loops=32")
@@ -315,14 +323,13 @@ def markdown(results):
                       f"(backprop_loops 4) peaks at {m8['peak_mem_gb']:.1f} GB with mean_loops 8 and "
                       f"{m32['peak_mem_gb']:.1f} GB with mean_loops 32."]
     if results["generation"]:
-        lines += ["" if lines else f"On one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, "
-                                      f"commit {results.get('commit')}).",
+        lines += ["" if lines else f"On {machine}.",
                   "", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
                       "(KV cache: its size for the model's whole window of block_size tokens):", "",
                   "| loops | batch | decoding | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
                   "|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
-            mode = ("CUDA graph" if g.get("cuda_graph", False) else "eager") + (", compiled" if g.get("compiled") else "")
+            mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g['new_tokens_per_sec']:,.0f} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
     return "\n".join(lines) + "\n"

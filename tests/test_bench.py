@@ -233,13 +233,17 @@ def test_the_ddp_bench_runs_with_two_cpu_processes_and_their_losses_agree(tiny_d
 
 def test_gpu_busy_time_counts_each_kernel_once():
     """The profiler lists an operator (CPU row, its kernels' time attached), the kernels themselves
-    (GPU rows) and GPU-side annotations such as Optimizer.step: only the kernels are summed."""
-    from types import SimpleNamespace as Event
+    (GPU rows), GPU-side annotations such as Optimizer.step, and the CPU's waits for a full launch
+    queue with GPU time: only the kernels are summed."""
+    from types import SimpleNamespace
     cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    events = [Event(device_type=cpu, is_user_annotation=False, self_device_time_total=300.0),    # aten::mm
-              Event(device_type=gpu, is_user_annotation=False, self_device_time_total=300.0),    # its kernel
-              Event(device_type=gpu, is_user_annotation=False, self_device_time_total=200.0),    # another
-              Event(device_type=gpu, is_user_annotation=True, self_device_time_total=200.0)]     # Muon.step
+
+    def event(key, device_type, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, is_user_annotation=annotation,
+                               self_device_time_total=us)
+    events = [event("aten::mm", cpu, 300.0), event("nvjet_gemm", gpu, 300.0), event("triton_fused", gpu, 200.0),
+              event("Optimizer.step#Muon.step", gpu, 200.0, annotation=True),
+              event("Command Buffer Full", gpu, 100.0)]
     assert throughput.kernel_seconds(events) == pytest.approx(500e-6)
 
 

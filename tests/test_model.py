@@ -1,5 +1,6 @@
 """Behaviour of model.py: the Parcae injection, the loop, the cache, the init and the bookkeeping."""
 
+import copy
 import math
 import os
 import re
@@ -304,8 +305,17 @@ def test_muon_batched_by_shape_takes_the_same_steps_as_torch_optim_muon():
     for a, b, w in zip(ours, theirs, start):
         assert not torch.equal(a, w)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    # the state has the same form, so checkpoints saved with torch.optim.Muon resume
-    assert opts[0].state_dict()["state"][0].keys() == opts[1].state_dict()["state"][0].keys()
+    # a checkpoint saved with torch.optim.Muon resumes: its state loads, and the steps stay the same
+    resumed = [torch.nn.Parameter(b.detach().clone()) for b in theirs]
+    opts[0] = Muon(resumed, lr=0.02, weight_decay=0.1, momentum=0.9)
+    opts[0].load_state_dict(copy.deepcopy(opts[1].state_dict()))    # as from a file: no shared buffers
+    for a, b, s in zip(resumed, theirs, shapes):
+        a.grad = torch.randn(s)
+        b.grad = a.grad.clone()
+    for opt in opts:
+        opt.step()
+    for a, b in zip(resumed, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)
@@ -364,7 +374,7 @@ def test_readme_line_pointers_name_what_is_on_those_lines():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     lines = open(os.path.join(ROOT, "model.py"), encoding="utf-8").read().splitlines()
     pointers = re.findall(r"model\.py:(\d+)(?:, \d+)?\s+\((\w+)\)", readme)         # equation block
-    pointers += [(n, name) for name, n in re.findall(r"`(\w+)`,\s+model\.py:(\d+)", readme)]   # `recur`, model.py:333
+    pointers += [(n, name) for name, n in re.findall(r"`(\w+)`,\s+model\.py:(\d+)", readme)]   # `recur`, model.py:336
     assert len(pointers) >= 6
     for number, name in pointers:
         assert name in lines[int(number) - 1], f"README points to model.py:{number} for {name}"
