@@ -430,8 +430,8 @@ class Muon(torch.optim.Optimizer):
     @staticmethod
     def orthogonalize(G, steps):
         """X ← aX + (bA + cA²)X with A = XXᵀ, from X = G/‖G‖, for G (n, rows, cols), in bf16. These
-        coefficients (Keller Jordan's) leave the singular values in about [0.7, 1.2], not at 1, in
-        exchange for converging in 5 steps; that trains as well."""
+        coefficients (Keller Jordan's) trade exactness for speed: 5 steps leave the singular values
+        roughly in [0.7, 1.2] rather than at 1 (the very smallest stay lower); that trains as well."""
         a, b, c = 3.4445, -4.7750, 2.0315
         tall = G.size(-2) > G.size(-1)
         X = G.bfloat16().mT if tall else G.bfloat16()     # wide, so that A is the smaller square
