@@ -288,7 +288,10 @@ def test_optimizer_groups_muon_for_block_matrices_adamw_for_the_rest():
 
 
 def test_muon_batched_by_shape_takes_the_same_steps_as_torch_optim_muon():
-    """Wide, tall and square matrices, two of some shapes, over steps with momentum and weight decay."""
+    """Wide, tall and square matrices, two of some shapes, over steps with momentum and weight decay.
+    Equal up to bf16 rounding: a batched matmul may round a last bit differently from a single one
+    (on a CPU, about 1 in 100 Newton–Schulz runs of 2×32 matrices), which moves a weight by ~1e-5 at
+    lr 0.02; dropping Nesterov momentum moves them by ~1e-2."""
     torch.manual_seed(0)
     shapes = [(16, 48), (48, 16), (16, 48), (24, 24), (48, 16)]
     start = [torch.randn(s) for s in shapes]
@@ -304,7 +307,7 @@ def test_muon_batched_by_shape_takes_the_same_steps_as_torch_optim_muon():
             opt.step()
     for a, b, w in zip(ours, theirs, start):
         assert not torch.equal(a, w)
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     # a checkpoint saved with torch.optim.Muon resumes: its state loads, and the steps stay the same
     resumed = [torch.nn.Parameter(b.detach().clone()) for b in theirs]
     opts[0] = Muon(resumed, lr=0.02, weight_decay=0.1, momentum=0.9)
@@ -315,7 +318,7 @@ def test_muon_batched_by_shape_takes_the_same_steps_as_torch_optim_muon():
     for opt in opts:
         opt.step()
     for a, b in zip(resumed, theirs):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)
