@@ -140,14 +140,18 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
     return result
 
 
+def is_kernel(event):
+    """A profiler row of GPU kernels: a GPU row, but not a GPU-side user annotation (such as
+    Optimizer.step), which repeats its kernels' time, nor "Command Buffer Full": the profiler gives
+    that GPU time, but it is the CPU waiting for room in the launch queue."""
+    return (event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
+            and event.key != "Command Buffer Full")
+
+
 def kernel_seconds(events):
-    """The GPU kernels' own time, summed over profiler events: if it is well below the wall time, the
-    GPU waits on Python. Only the GPU rows count, and not the GPU-side user annotations (such as
-    Optimizer.step), which repeat their kernels' time, nor the "Command Buffer Full" rows: the profiler
-    gives those GPU time, but they are the CPU waiting for room in the launch queue, not kernels."""
-    return sum(e.self_device_time_total for e in events
-               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
-               and e.key != "Command Buffer Full") / 1e6
+    """The GPU kernels' own time, summed over profiler events: if it is well below the wall time,
+    the GPU waits on Python."""
+    return sum(e.self_device_time_total for e in events if is_kernel(e)) / 1e6
 
 
 def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256):
@@ -187,8 +191,7 @@ def profile_decoding(model, loops, path, new_tokens=16):
             if on_gpu:
                 torch.cuda.synchronize()
     table = prof.key_averages()
-    n_kernels = sum(e.count for e in table if e.device_type == torch.autograd.DeviceType.CUDA
-                    and not e.is_user_annotation and e.key != "Command Buffer Full")
+    n_kernels = sum(e.count for e in table if is_kernel(e))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"loops {loops}, batch 1: the prefill of 128 tokens and {new_tokens} decoding steps; {n_kernels} GPU "

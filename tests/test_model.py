@@ -299,12 +299,15 @@ def test_muon_batched_by_shape_takes_the_same_steps_as_torch_optim_muon():
     theirs = [torch.nn.Parameter(w.clone()) for w in start]
     opts = [Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.9),
             torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.9)]
-    for _ in range(3):
+
+    def step_both(ours):        # the same random gradient for both, then a step of each
         for a, b, s in zip(ours, theirs, shapes):
             a.grad = torch.randn(s)
             b.grad = a.grad.clone()
         for opt in opts:
             opt.step()
+    for _ in range(3):
+        step_both(ours)
     for a, b, w in zip(ours, theirs, start):
         assert not torch.equal(a, w)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
@@ -312,11 +315,7 @@ def test_muon_batched_by_shape_takes_the_same_steps_as_torch_optim_muon():
     resumed = [torch.nn.Parameter(b.detach().clone()) for b in theirs]
     opts[0] = Muon(resumed, lr=0.02, weight_decay=0.1, momentum=0.9)
     opts[0].load_state_dict(copy.deepcopy(opts[1].state_dict()))    # as from a file: no shared buffers
-    for a, b, s in zip(resumed, theirs, shapes):
-        a.grad = torch.randn(s)
-        b.grad = a.grad.clone()
-    for opt in opts:
-        opt.step()
+    step_both(resumed)
     for a, b in zip(resumed, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
