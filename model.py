@@ -65,7 +65,7 @@ class CausalSelfAttention(nn.Module):
         # value embeddings: a per-head gate mixes the token's own embedding (a separate table) into v
         self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
 
-    def forward(self, x, ve, cos, sin, cache=None):
+    def forward(self, x, ve, cos, sin, kv=None):
         B, L, d = x.shape
         q = self.c_q(x).view(B, L, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, L, self.n_head, self.head_dim)
@@ -77,10 +77,13 @@ class CausalSelfAttention(nn.Module):
         q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,), eps=1e-5)
         k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,), eps=1e-5)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
-        if cache is not None:       # generation: attend to the whole cached window, masked
-            k, v = cache.update(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if cache is None else cache.mask,
-                                           is_causal=cache is None)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:       # generation: store the new keys and values in this layer's cache slot, attend to it all
+            k_cache, v_cache, positions, mask = kv
+            k_cache.index_copy_(2, positions, k.to(k_cache.dtype))     # k may be fp32: rms_norm's output
+            v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
 
 
@@ -106,9 +109,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.value_embed = nn.Embedding(config.padded_vocab_size, config.n_embd) if has_value_embed else None
 
-    def forward(self, x, idx, cos, sin, cache=None):
+    def forward(self, x, idx, cos, sin, kv=None):
         ve = self.value_embed(idx) if self.value_embed is not None else None
-        x = x + self.attn(self.norm_1(x), ve, cos, sin, cache)
+        x = x + self.attn(self.norm_1(x), ve, cos, sin, kv)
         return x + self.mlp(self.norm_2(x))
 
 # -----------------------------------------------------------------------------
@@ -297,12 +300,12 @@ class GPT(nn.Module):
         B, L = idx.shape
         if cache is None and L > c.block_size:
             raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
-        positions = slice(0, L) if cache is None else cache.start(L, idx.device)    # the tokens' positions
+        positions = slice(0, L) if cache is None else cache.start(L)    # the tokens' positions
         cos, sin = self.cos[positions], self.sin[positions]
 
         x = self.wte(idx)
-        for block in self.prelude:
-            x = block(x, idx, cos, sin, cache)
+        for block in self.prelude:      # with a cache, each layer application gets its own slot of it
+            x = block(x, idx, cos, sin, cache and cache.next_slot())
         if c.looped:
             if depths is None and loops is None and self.training:
                 depths = self.sample_depths(B)
@@ -318,9 +321,9 @@ class GPT(nn.Module):
             x = self.C(h).type_as(x)      # the residual stream keeps its dtype (fp32 under autocast)
         else:
             for block in self.core:
-                x = block(x, idx, cos, sin, cache)
+                x = block(x, idx, cos, sin, cache and cache.next_slot())
         for block in self.coda:
-            x = block(x, idx, cos, sin, cache)
+            x = block(x, idx, cos, sin, cache and cache.next_slot())
 
         return self.head(x, targets)
 
@@ -356,7 +359,7 @@ class GPT(nn.Module):
                 h_prev = h
                 u = self.injection(h[:m], e[:m])
                 for block in self.core:
-                    u = block(u, idx[:m], cos, sin, cache)
+                    u = block(u, idx[:m], cos, sin, cache and cache.next_slot())
                 h = u if m == len(h) else torch.cat([u, h[m:]])
             norms.append(u.detach().float().norm(dim=-1).mean())
         # cheap stability read-outs, kept as tensors: no host sync until someone logs them
@@ -381,6 +384,16 @@ class GPT(nn.Module):
         stats = {"state_norm": norms[-1], "state_norms": norms, "residual": self.last_state["residual"].item()}
         stats.update({k: v.item() for k, v in self.injection.transition_stats().items()})
         return stats
+
+    def new_cache(self, batch_size, loops=None, dtype=None):
+        """An empty KV cache for generating batch_size sequences at `loops` iterations (default mean_loops),
+        on the model's device; dtype: its keys' and values' (default: bf16 under autocast, else the weights')."""
+        c, device = self.config, self.wte.weight.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
+        n_slots = c.n_prelude + ((loops or c.mean_loops) if c.looped else 1) * c.n_core + c.n_coda
+        return KVCache(n_slots, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, dtype, device)
 
     # -------------------------------------------------------------------------
     # training helpers
@@ -460,21 +473,25 @@ class Muon(torch.optim.Optimizer):
 class KVCache:
     """Keys and values of every layer application (prelude layer i, core layer j at iteration r, coda
     layer i), one slot each, handed out in the order the layers run: memory grows linearly with the
-    loops. Shapes never change, so a decoding step can be recorded once as a CUDA graph and replayed:
-    each slot spans the window, a mask hides the positions not written yet, and the next position
-    lives on the device (`pos`, advanced in place); `length` counts the same positions on the host."""
+    loops. Shapes never change, so a decoding step can be recorded once as a CUDA graph and replayed,
+    and a compiled block needs no Python state: each slot spans the window, a mask hides the positions
+    not written yet, and the next position lives on the device (`pos`, advanced in place); `length`
+    counts the same positions on the host. GPT.new_cache() makes one of the right size."""
 
-    def __init__(self, n_slots, max_len):
-        self.n_slots, self.max_len, self.length = n_slots, max_len, 0
-        self.k = self.v = self.pos = None       # allocated on first use, on the model's device
+    def __init__(self, n_slots, batch_size, n_head, max_len, head_dim, dtype=torch.float32, device=None):
+        shape = (batch_size, n_head, max_len, head_dim)
+        # zeros, not garbage: a masked-out NaN would still poison the attention
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_slots)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_slots)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.max_len, self.length = max_len, 0
         self.slot = self.positions = self.mask = None       # of the forward under way
 
-    def start(self, L, device):
+    def start(self, L):
         """A forward of L new tokens begins: their positions, and which keys each of them may see."""
         if self.length + L > self.max_len:
             raise ValueError(f"the cache holds {self.length} of {self.max_len} positions, no room for {L} more")
-        if self.pos is None:
-            self.pos = torch.zeros((), dtype=torch.long, device=device)
+        device = self.pos.device
         self.slot, self.positions = 0, self.pos + torch.arange(L, device=device)
         self.mask = torch.arange(self.max_len, device=device) <= self.positions[:, None]     # (L, max_len)
         self.pos += L
@@ -482,22 +499,15 @@ class KVCache:
             self.length += L        # (recording a CUDA graph runs nothing: its replays count themselves)
         return self.positions
 
+    def next_slot(self):
+        """The next layer application's (k, v, positions, mask): its block writes the new keys and values
+        into k and v at `positions`, in place, then attends to all of k and v through `mask`."""
+        if self.slot == len(self.k):
+            raise ValueError(f"the cache has {len(self.k)} slots, one per layer application: more loops than it was made for")
+        self.slot += 1
+        return self.k[self.slot - 1], self.v[self.slot - 1], self.positions, self.mask
+
     def reset(self):
         """Forget every position: the next forward starts the window again at position 0."""
-        if self.pos is not None:
-            self.pos.zero_()
+        self.pos.zero_()
         self.length = 0
-
-    @torch.compiler.disable     # `slot` is Python state: compiled blocks leave this to eager mode
-    def update(self, k, v):
-        """Write k, v (B, H, L, D) at their positions in the next slot; return that slot's whole window."""
-        if self.k is None:      # zeros, not garbage: a masked-out NaN would still poison the attention
-            B, H, _, D = v.shape
-            self.k = v.new_zeros(self.n_slots, B, H, self.max_len, D)
-            self.v = v.new_zeros(self.n_slots, B, H, self.max_len, D)
-        k_slot, v_slot = self.k[self.slot], self.v[self.slot]
-        k_slot.index_copy_(2, self.positions, k.to(k_slot.dtype))      # k may be fp32: rms_norm's output
-        v_slot.index_copy_(2, self.positions, v)
-        self.slot += 1
-        return k_slot, v_slot
-

@@ -265,6 +265,8 @@ def compile_model(model, dynamic=None):
     """
     for block in model.blocks():
         block.compile(dynamic=dynamic)
+    if model.config.looped:
+        model.injection.compile(dynamic=dynamic)      # a dozen small kernels per iteration, fused
     # the compiled head, bound to this model as a method is, hides GPT.head for this instance
     model.head = MethodType(torch.compile(GPT.head, dynamic=dynamic), model)
     # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:

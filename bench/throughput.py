@@ -11,10 +11,11 @@ estimate against the GPU's peak). It also times the same Parcae model with the r
 masked loop (every sequence padded to the deepest) and gives that loop's FLOPs ratio, the most
 that skipping finished sequences can gain (`--flops_ratio_only` prints just the ratio, on any
 machine); the peak memory at mean_loops 8 and 32 with backprop_loops 4; and generation with
-the KV cache at 1, 8 and 16 loops, replayed as a CUDA graph (with and without compiling the
-blocks and head) and, at 16 loops, also launched op by op. --profile adds a torch.profiler
-table per model (its most expensive kernels, and how much of the step the GPU was busy), and
-two of decoding at 16 loops, with and without compiling.
+the KV cache at 1, 8 and 16 loops as sample.py decodes (bf16 linear weights, each step replayed
+as a CUDA graph), with and without compiling the blocks (sample.py --compile), and at 16 loops
+also launched op by op, and compiled with the fp32 weights. --profile adds a torch.profiler
+table per model (its most expensive kernels, and how much of the step the GPU was busy, from
+the profiler's trace), and two of decoding at 16 loops, with and without compiling.
 """
 
 import argparse
@@ -23,6 +24,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -128,30 +130,57 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
                 step()
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / 2
-        table = prof.key_averages()
-        busy = kernel_seconds(table) / 2
+        table, gpu = prof.key_averages(), gpu_timeline(prof)
+        busy, kernels = gpu["busy_s"] / 2, gpu["kernel_s"] / 2
         result["gpu_busy_frac"] = busy / wall
+        result["gpu_ms_by_family"] = {k: 1000 * v / 2 for k, v in gpu["by_family_s"].items()}
+        families = ", ".join(f"{k} {v:.1f}" for k, v in sorted(result["gpu_ms_by_family"].items(), key=lambda kv: -kv[1]))
         os.makedirs(os.path.dirname(profile_to), exist_ok=True)
         with open(profile_to, "w") as f:
-            f.write(f"step {1000 * wall:.1f} ms under the profiler, GPU kernels {1000 * busy:.1f} ms "
-                    f"({100 * busy / wall:.0f} % busy)\n\n")
+            f.write(f"step {1000 * wall:.1f} ms under the profiler; GPU kernels {1000 * kernels:.1f} ms ({families}); "
+                    f"at least one running {1000 * busy:.1f} ms ({100 * busy / wall:.0f} % busy)\n\n")
             f.write(table.table(sort_by="device_time_total", row_limit=40))
             f.write("\n\nby CPU time:\n" + table.table(sort_by="cpu_time_total", row_limit=25))
     return result
 
 
-def is_kernel(event):
-    """A profiler row of GPU kernels: a GPU row, but not a GPU-side user annotation (such as
-    Optimizer.step), which repeats its kernels' time, nor "Command Buffer Full": the profiler gives
-    that GPU time, but it is the CPU waiting for room in the launch queue."""
-    return (event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
-            and event.key != "Command Buffer Full")
+def gpu_timeline(prof):
+    """The GPU's work in a profile, read from its trace (the chrome-trace export): the kernels, copies
+    and memsets, each an interval of time. Returns how many, their summed time, and how long at
+    least one of them was running (busy_s: the union of the intervals, so overlaps count once)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return timeline_of(json.load(f)["traceEvents"])
 
 
-def kernel_seconds(events):
-    """The GPU kernels' own time, summed over profiler events: if it is well below the wall time,
-    the GPU waits on Python."""
-    return sum(e.self_device_time_total for e in events if is_kernel(e)) / 1e6
+def timeline_of(events):
+    """gpu_timeline() of a list of chrome-trace events (times in µs). Not counted: CPU operators,
+    GPU-side annotations such as Optimizer.step (their kernels are already counted), and the
+    profiler's "Command Buffer Full", which is the CPU waiting for room in the launch queue."""
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in gpu):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    by_family = {}
+    for e in gpu:
+        by_family[kernel_family(e["name"])] = by_family.get(kernel_family(e["name"]), 0.0) + e["dur"] / 1e6
+    return {"kernels": len(gpu), "kernel_s": sum(e["dur"] for e in gpu) / 1e6, "busy_s": busy / 1e6,
+            "by_family_s": by_family}
+
+
+def kernel_family(name):
+    """A kernel's kind, told by its name (cuBLAS's nvjet/gemm, cuDNN's or flash attention, Triton)."""
+    name = name.lower()
+    if any(word in name for word in ("sdpa", "flash", "fmha", "attention")):
+        return "attention"
+    if any(word in name for word in ("nvjet", "gemm", "splitkreduce", "cutlass")):
+        return "matmul"
+    if name.startswith("triton"):
+        return "fused by torch.compile"
+    return "other"
 
 
 def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256):
@@ -190,12 +219,11 @@ def profile_decoding(model, loops, path, new_tokens=16):
             sample.generate(model, prompt, new_tokens + 1, loops=loops, cuda_graph=False)   # prefill + new_tokens steps
             if on_gpu:
                 torch.cuda.synchronize()
-    table = prof.key_averages()
-    n_kernels = sum(e.count for e in table if is_kernel(e))
+    table, gpu = prof.key_averages(), gpu_timeline(prof)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.write(f"loops {loops}, batch 1: the prefill of 128 tokens and {new_tokens} decoding steps; {n_kernels} GPU "
-                f"kernels, {1e3 * kernel_seconds(table):.1f} ms of GPU time in all\n\n")
+        f.write(f"loops {loops}, batch 1: the prefill of 128 tokens and {new_tokens} decoding steps; {gpu['kernels']} "
+                f"GPU kernels, {1e3 * gpu['kernel_s']:.1f} ms of GPU time in all\n\n")
         f.write(table.table(sort_by="device_time_total" if on_gpu else "cpu_time_total", row_limit=50))
 
 
@@ -268,31 +296,41 @@ def main():
             if name == "parcae_350m":
                 run("parcae_350m mean_loops=32", "parcae_350m", mean_loops=32, backprop_loops=4)
     if not args.skip_generation:
-        model, _ = build("parcae_350m", args.vocab_size)
+        profiles = os.path.join(os.path.dirname(args.out), "profiles")
 
-        def measure(loops, batch_size, graph, compiled):
+        def measure(model, loops, batch_size, graph, compiled):
             g = time_generation(model, loops, batch_size, graph)
             g["compiled"] = compiled
+            g["weights"] = str(model.core[0].mlp.fc.weight.dtype).removeprefix("torch.")
             results["generation"].append(g)
             save()
             print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
-                  f"{', compiled' if compiled else ''}: {g['new_tokens_per_sec']:8.1f} tok/s  "
+                  f"{', compiled' if compiled else ''}, {g['weights']} weights: {g['new_tokens_per_sec']:8.1f} tok/s  "
                   f"cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB", flush=True)
 
+        # as sample.py decodes: bf16 linear weights, each step replayed as a CUDA graph; --compile adds compiling
+        model, _ = build("parcae_350m", args.vocab_size)
+        sample.bf16_weights(model)
         for loops in (1, 8, 16):
             for batch_size in (1, 8):
-                measure(loops, batch_size, graph=True, compiled=False)
+                measure(model, loops, batch_size, graph=True, compiled=False)
         for batch_size in (1, 8):       # every kernel launched from Python
-            measure(16, batch_size, graph=False, compiled=False)
-        profiles = os.path.join(os.path.dirname(args.out), "profiles")
+            measure(model, 16, batch_size, graph=False, compiled=False)
         if args.profile:
             profile_decoding(model, 16, os.path.join(profiles, "generate_loops16.txt"))
         train.compile_model(model)      # last, compiled as train.py does, inside the same graph
         for loops in (1, 8, 16):
             for batch_size in (1, 8):
-                measure(loops, batch_size, graph=True, compiled=True)
+                measure(model, loops, batch_size, graph=True, compiled=True)
         if args.profile:
             profile_decoding(model, 16, os.path.join(profiles, "generate_loops16_compiled.txt"))
+        # what bf16 weights gain: compiled blocks with the fp32 weights, cast on every call
+        del model
+        torch._dynamo.reset()
+        model, _ = build("parcae_350m", args.vocab_size)
+        train.compile_model(model)
+        for batch_size in (1, 8):
+            measure(model, 16, batch_size, graph=True, compiled=True)
         del model
     print(markdown(results))
 
@@ -329,11 +367,12 @@ def markdown(results):
         lines += ["" if lines else f"On {machine}.",
                   "", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
                       "(KV cache: its size for the model's whole window of block_size tokens):", "",
-                  "| loops | batch | decoding | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| loops | batch | decoding | weights | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
-            lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g['new_tokens_per_sec']:,.0f} | "
+            lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
+                         f"{g['new_tokens_per_sec']:,.0f} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
     return "\n".join(lines) + "\n"
 

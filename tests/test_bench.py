@@ -231,20 +231,23 @@ def test_the_ddp_bench_runs_with_two_cpu_processes_and_their_losses_agree(tiny_d
     assert (tmp_path / "results" / "ddp.md").read_text().count("| parcae_140m |") == 2
 
 
-def test_gpu_busy_time_counts_each_kernel_once():
-    """The profiler lists an operator (CPU row, its kernels' time attached), the kernels themselves
-    (GPU rows), GPU-side annotations such as Optimizer.step, and the CPU's waits for a full launch
-    queue with GPU time: only the kernels are summed."""
-    from types import SimpleNamespace
-    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-
-    def event(key, device_type, us, annotation=False):
-        return SimpleNamespace(key=key, device_type=device_type, is_user_annotation=annotation,
-                               self_device_time_total=us)
-    events = [event("aten::mm", cpu, 300.0), event("nvjet_gemm", gpu, 300.0), event("triton_fused", gpu, 200.0),
-              event("Optimizer.step#Muon.step", gpu, 200.0, annotation=True),
-              event("Command Buffer Full", gpu, 100.0)]
-    assert throughput.kernel_seconds(events) == pytest.approx(500e-6)
+def test_the_gpu_timeline_counts_kernels_once_and_nothing_else():
+    """From a chrome trace: kernels, copies and memsets are summed, and their union is the busy
+    time (an overlap counts once); CPU operators, GPU-side annotations such as Optimizer.step and
+    the profiler's Command Buffer Full (the CPU waiting) are left out."""
+    def event(cat, ts, dur, name="triton_per_fused_rms_norm_0"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+    events = [event("kernel", 0, 100, "nvjet_sm90_tst_256x128"), event("kernel", 50, 100),     # overlap: busy 0..150
+              event("gpu_memcpy", 200, 10, "Memcpy DtoD"), event("gpu_memset", 300, 5, "Memset"),
+              event("cpu_op", 0, 1000, "aten::mm"), event("gpu_user_annotation", 0, 400, "Optimizer.step#Muon.step"),
+              event("overhead", 400, 500, "Command Buffer Full"), {"ph": "i", "cat": "kernel", "ts": 0}]
+    timeline = throughput.timeline_of(events)
+    assert timeline["kernels"] == 4
+    assert timeline["kernel_s"] == pytest.approx(215e-6)
+    assert timeline["busy_s"] == pytest.approx(165e-6)
+    assert timeline["by_family_s"] == pytest.approx({"matmul": 100e-6, "fused by torch.compile": 100e-6, "other": 15e-6})
+    assert throughput.timeline_of([]) == {"kernels": 0, "kernel_s": 0.0, "busy_s": 0.0, "by_family_s": {}}
+    assert throughput.kernel_family("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
 
 
 def test_runs_spread_over_the_gpus_longest_budget_first(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.throughput import MaskedLoopGPT
 from conftest import ROOT, tiny, tokens
-from model import GPT, GPTConfig, KVCache, Muon, ParcaeInjection, apply_rotary, rotary_tables
+from model import GPT, GPTConfig, Muon, ParcaeInjection, apply_rotary, rotary_tables
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
 
@@ -227,8 +227,7 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward(injection, loops):
     x = tokens(B=2, L=10)[:, :-1]
     with torch.no_grad():
         full, _ = model(x, loops=loops)
-        c = model.config
-        cache = KVCache(c.n_prelude + (loops if c.looped else 1) * c.n_core + c.n_coda, c.block_size)
+        cache = model.new_cache(batch_size=2, loops=loops)
         prefill, _ = model(x[:, :6], loops=loops, cache=cache)
         steps = [model(x[:, i:i + 1], loops=loops, cache=cache)[0] for i in range(6, 10)]
     cached = torch.cat([prefill, *steps], dim=1)
@@ -240,19 +239,32 @@ def test_the_cache_keeps_its_memory_fills_in_chunks_and_refuses_to_overflow():
     are updated in place), and the host-side length follows the positions written."""
     model = tiny(init_state="zero", block_size=16).eval()
     x = tokens(B=2, L=16)[:, :-1]
-    cache = KVCache(model.config.n_prelude + 3 * model.config.n_core + model.config.n_coda, 16)
+    cache = model.new_cache(batch_size=2, loops=3)
     with torch.no_grad():
         full, _ = model(x, loops=3)
+        buffers = [t.data_ptr() for t in (*cache.k, *cache.v, cache.pos)]
         parts = [model(x[:, :5], loops=3, cache=cache)[0]]
-        buffers = cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr()
         parts += [model(x[:, 5:9], loops=3, cache=cache)[0], model(x[:, 9:10], loops=3, cache=cache)[0]]
-        assert (cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr()) == buffers
+        assert [t.data_ptr() for t in (*cache.k, *cache.v, cache.pos)] == buffers
         assert cache.length == int(cache.pos) == 10
         assert torch.allclose(torch.cat(parts, dim=1), full[:, :10], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="holds 10 of 16 positions, no room for 7 more"):
             model(x[:, :7], loops=3, cache=cache)
         cache.reset()
         assert cache.length == int(cache.pos) == 0
+        with pytest.raises(ValueError, match="more loops than it was made for"):
+            model(x[:, :1], loops=4, cache=cache)
+
+
+def test_the_cache_stores_what_the_model_computes_in():
+    model = tiny().eval()
+    assert model.new_cache(batch_size=1, loops=2).k[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(batch_size=1, loops=2)
+    c = model.config
+    assert len(cache.k) == len(cache.v) == c.n_prelude + 2 * c.n_core + c.n_coda
+    assert cache.k[0].dtype == torch.bfloat16
+    assert cache.k[0].shape == (1, c.n_head, c.block_size, c.n_embd // c.n_head)
 
 # -----------------------------------------------------------------------------
 # training helpers
@@ -367,7 +379,7 @@ def test_bad_depths_are_refused_instead_of_silently_ignored():
     with pytest.raises(ValueError, match="at least 1"):
         model(x, loops=0)
     with pytest.raises(ValueError, match="same number of loops"):
-        model(x, depths=torch.tensor([1, 2, 3]), cache=KVCache(8, 64))
+        model(x, depths=torch.tensor([1, 2, 3]), cache=model.new_cache(3, loops=3))
 
 
 def test_readme_line_pointers_name_what_is_on_those_lines():

@@ -8,7 +8,7 @@ import torch
 
 import train
 from conftest import ROOT, TINY, tiny, tokens, write_char_data
-from sample import generate
+from sample import bf16_weights, generate
 
 pytest.importorskip("prepare", reason="sample.py decodes with prepare.load_tokenizer")
 
@@ -93,8 +93,10 @@ def test_decoding_replayed_as_a_cuda_graph_matches_eager_decoding():
 
 def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_more_loops():
     """With torch.compile'd blocks (as on a GPU), the cache's Python bookkeeping stays out of the
-    graphs: generation matches eager mode, and more loops (more cache slots) need no new graph."""
+    graphs: generation matches eager mode, no block breaks its graph at the cache, and more loops
+    (more cache slots) need no new graph."""
     from torch._dynamo.utils import counters
+    counters.clear()
     model = tiny(init_state="zero", block_size=16).eval()
     prompt = tokens(B=2, L=5)[:, :-1]
     eager = {loops: generate(model, prompt, 6, loops=loops, top_k=1) for loops in (2, 5)}
@@ -104,5 +106,22 @@ def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_mo
         graphs = counters["stats"]["unique_graphs"]
         assert torch.equal(generate(model, prompt, 6, loops=5, top_k=1), eager[5])
         assert counters["stats"]["unique_graphs"] == graphs
+        assert not counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+def test_bf16_weights_change_nothing_under_bf16_autocast():
+    """sample.py stores the linear layers' weights in bf16 on a GPU: autocast computes them in bf16
+    anyway, so the tokens are the same; the norms and the injection's own parameters stay fp32."""
+    model = tiny(init_state="zero", block_size=16).eval()
+    prompt = tokens(B=2, L=5)[:, :-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = generate(model, prompt, 8, loops=3, top_k=1)
+        bf16_weights(model)
+        after = generate(model, prompt, 8, loops=3, top_k=1)
+    assert torch.equal(before, after)
+    assert model.core[0].attn.c_q.weight.dtype == model.injection.B.weight.dtype == torch.bfloat16
+    fc = model.core[0].mlp.fc
+    assert fc.weight.shape == (fc.out_features, fc.in_features) and fc.weight.stride() == (1, fc.out_features)
+    assert model.injection.A_log.dtype == model.norm_f.weight.dtype == model.wte.weight.dtype == torch.float32
