@@ -183,6 +183,31 @@ def kernel_family(name):
     return "other"
 
 
+def time_weight_layouts(d, batch_size=1, calls=400):
+    """µs per bf16 matmul of batch_size tokens by each weight shape of a block (d×d, 4d×d, d×4d), stored
+    row-major (as nn.Linear keeps it) and column-major (as sample.bf16_weights stores it), each as
+    `calls` matmuls recorded in one CUDA graph and replayed, as decoding replays them."""
+    results = []
+    for out_features, in_features in ((d, d), (4 * d, d), (d, 4 * d)):
+        x = torch.randn(batch_size, in_features, device="cuda", dtype=torch.bfloat16)
+        row_major = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
+        r = {"weight": f"{out_features}x{in_features}", "batch_size": batch_size}
+        for layout, w in (("row_major_us", row_major), ("column_major_us", row_major.t().contiguous().t())):
+            torch.nn.functional.linear(x, w)        # cuBLAS warm-up, outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    torch.nn.functional.linear(x, w)
+            graph.replay()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            r[layout] = 1e6 * (time.perf_counter() - t0) / calls
+        results.append(r)
+    return results
+
+
 def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256):
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device="cuda")
@@ -242,6 +267,8 @@ def main():
                         "dynamic=True (every size symbolic from the start), as train.py did before")
     parser.add_argument("--skip_training", action="store_true", help="time generation only")
     parser.add_argument("--skip_generation", action="store_true", help="time training only")
+    parser.add_argument("--layouts_only", action="store_true", help="only time one token's matmuls by "
+                        "row-major and column-major bf16 weights (part of the generation measurements)")
     parser.add_argument("--flops_ratio_only", action="store_true", help="only print, for each Parcae model, the "
                         "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "throughput"))
@@ -283,7 +310,7 @@ def main():
             f.write(markdown(results))
 
     # the most important measurements first
-    if not args.skip_training:
+    if not args.skip_training and not args.layouts_only:
         for size in [m.split("_")[-1] for m in args.models if m.startswith("parcae")]:
             run(f"parcae_{size}", f"parcae_{size}")
             run(f"parcae_{size} (masked loop)", f"parcae_{size}", MaskedLoopGPT)
@@ -295,7 +322,11 @@ def main():
                 run(name, name)
             if name == "parcae_350m":
                 run("parcae_350m mean_loops=32", "parcae_350m", mean_loops=32, backprop_loops=4)
-    if not args.skip_generation:
+    if not args.skip_generation or args.layouts_only:
+        for batch_size in (1, 8):
+            results["weight_layouts"] = results.get("weight_layouts", []) + time_weight_layouts(1024, batch_size)
+        save()
+    if not args.skip_generation and not args.layouts_only:
         profiles = os.path.join(os.path.dirname(args.out), "profiles")
 
         def measure(model, loops, batch_size, graph, compiled):
@@ -374,6 +405,12 @@ def markdown(results):
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
                          f"{g['new_tokens_per_sec']:,.0f} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
+    if results.get("weight_layouts"):
+        lines += ["" if lines else f"On {machine}.", "",
+                  "A matmul by a bf16 weight of parcae_350m's blocks, as decoding runs it (µs, in a replayed CUDA graph):", "",
+                  "| weight | batch | row-major | column-major |", "|---|---|---|---|"]
+        lines += [f"| {r['weight']} | {r['batch_size']} | {r['row_major_us']:.2f} | {r['column_major_us']:.2f} |"
+                  for r in results["weight_layouts"]]
     return "\n".join(lines) + "\n"
 
 
