@@ -503,7 +503,8 @@ class KVCache:
         """The next layer application's (k, v, positions, mask): its block writes the new keys and values
         into k and v at `positions`, in place, then attends to all of k and v through `mask`."""
         if self.slot == len(self.k):
-            raise ValueError(f"the cache has {len(self.k)} slots, one per layer application: more loops than it was made for")
+            raise ValueError(f"the cache has {len(self.k)} slots, one per layer application: "
+                             "more loops than it was made for")
         self.slot += 1
         return self.k[self.slot - 1], self.v[self.slot - 1], self.positions, self.mask
 

@@ -67,8 +67,8 @@ def bf16_weights(model):
     weight once and caches it, but a torch.compile'd block casts every weight again on every call,
     which at batch 1 took a quarter of the decoding step. Norms, embeddings and the injection's
     A_log / dt_bias stay in fp32. The same matrices are also laid out column by column: for one
-    token, cuBLAS multiplies by a d×d weight in 3.7 µs that way and in 7.2 µs row by row (an H200,
-    bench/throughput.py). Returns the model, changed in place.
+    token, cuBLAS multiplies by a d×d weight in 3.5 µs that way and in 7.2 µs row by row (an H200,
+    bench/results/throughput_layouts.md). Returns the model, changed in place.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -114,7 +114,7 @@ def main(argv=None):
     p.add_argument("--no_cuda_graph", action="store_true",
                    help="on a GPU, launch every decoding step from Python instead of replaying a CUDA graph")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks first, as train.py does: "
-                   "a minute or so of compiling, then faster decoding on a GPU (README: generation speed)")
+                   "compiling takes a while, then decoding is faster on a GPU (README: generation speed)")
     args = p.parse_args(argv)
     if args.loops is not None and args.loops < 1:
         raise SystemExit("--loops must be at least 1")

@@ -134,7 +134,8 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
         busy, kernels = gpu["busy_s"] / 2, gpu["kernel_s"] / 2
         result["gpu_busy_frac"] = busy / wall
         result["gpu_ms_by_family"] = {k: 1000 * v / 2 for k, v in gpu["by_family_s"].items()}
-        families = ", ".join(f"{k} {v:.1f}" for k, v in sorted(result["gpu_ms_by_family"].items(), key=lambda kv: -kv[1]))
+        by_time = sorted(result["gpu_ms_by_family"].items(), key=lambda kv: -kv[1])
+        families = ", ".join(f"{family} {ms:.1f}" for family, ms in by_time)
         os.makedirs(os.path.dirname(profile_to), exist_ok=True)
         with open(profile_to, "w") as f:
             f.write(f"step {1000 * wall:.1f} ms under the profiler; GPU kernels {1000 * kernels:.1f} ms ({families}); "

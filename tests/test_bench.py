@@ -284,3 +284,11 @@ def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(t
     text = path.read_text()
     assert text.startswith("loops 2, batch 1: the prefill of 128 tokens and 3 decoding steps")
     assert "aten::scaled_dot_product_attention" in text
+
+
+@pytest.mark.parametrize("name", ["throughput", "throughput_140m", "throughput_parcae_alone", "throughput_gen",
+                                  "throughput_layouts"])
+def test_each_committed_speed_table_is_what_markdown_makes_of_its_json(name):
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
+    with open(os.path.join(results, name + ".json")) as f, open(os.path.join(results, name + ".md")) as g:
+        assert throughput.markdown(json.load(f)) == g.read()
