@@ -305,7 +305,7 @@ class GPT(nn.Module):
 
         x = self.wte(idx)
         for block in self.prelude:      # with a cache, each layer application gets its own slot of it
-            x = block(x, idx, cos, sin, cache and cache.next_slot())
+            x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
         if c.looped:
             if depths is None and loops is None and self.training:
                 depths = self.sample_depths(B)
@@ -321,9 +321,9 @@ class GPT(nn.Module):
             x = self.C(h).type_as(x)      # the residual stream keeps its dtype (fp32 under autocast)
         else:
             for block in self.core:
-                x = block(x, idx, cos, sin, cache and cache.next_slot())
+                x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
         for block in self.coda:
-            x = block(x, idx, cos, sin, cache and cache.next_slot())
+            x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
 
         return self.head(x, targets)
 
@@ -359,7 +359,7 @@ class GPT(nn.Module):
                 h_prev = h
                 u = self.injection(h[:m], e[:m])
                 for block in self.core:
-                    u = block(u, idx[:m], cos, sin, cache and cache.next_slot())
+                    u = block(u, idx[:m], cos, sin, None if cache is None else cache.next_slot())
                 h = u if m == len(h) else torch.cat([u, h[m:]])
             norms.append(u.detach().float().norm(dim=-1).mean())
         # cheap stability read-outs, kept as tensors: no host sync until someone logs them
@@ -478,7 +478,7 @@ class KVCache:
     not written yet, and the next position lives on the device (`pos`, advanced in place); `length`
     counts the same positions on the host. GPT.new_cache() makes one of the right size."""
 
-    def __init__(self, n_slots, batch_size, n_head, max_len, head_dim, dtype=torch.float32, device=None):
+    def __init__(self, n_slots, batch_size, n_head, max_len, head_dim, dtype, device):
         shape = (batch_size, n_head, max_len, head_dim)
         # zeros, not garbage: a masked-out NaN would still poison the attention
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_slots)]
@@ -503,8 +503,8 @@ class KVCache:
         """The next layer application's (k, v, positions, mask): its block writes the new keys and values
         into k and v at `positions`, in place, then attends to all of k and v through `mask`."""
         if self.slot == len(self.k):
-            raise ValueError(f"the cache has {len(self.k)} slots, one per layer application: "
-                             "more loops than it was made for")
+            raise ValueError(f"the cache has {len(self.k)} slots, one per layer application: more loops than "
+                             "it was made for (make a new one: GPT.new_cache(batch_size, loops))")
         self.slot += 1
         return self.k[self.slot - 1], self.v[self.slot - 1], self.positions, self.mask
 

@@ -65,8 +65,9 @@ def bf16_weights(model):
     Store the linear layers' weights in bf16, for decoding under bf16 autocast on a GPU: the matmuls
     compute in bf16 anyway, so nothing changes but where the cast happens. Eager autocast casts each
     weight once and caches it, but a torch.compile'd block casts every weight again on every call,
-    which at batch 1 took a quarter of the decoding step. Norms, embeddings and the injection's
-    A_log / dt_bias stay in fp32. The same matrices are also laid out column by column: for one
+    about a quarter of a decoding step at batch 1. Norms, embeddings and the injection's A_log /
+    dt_bias stay in fp32, so the head, tied to the embedding, still casts it each token (~2 % of
+    a step, compiled). The same matrices are also laid out column by column: for one
     token, cuBLAS multiplies by a d×d weight in 3.5 µs that way and in 7.2 µs row by row (an H200,
     bench/results/throughput_layouts.md). Returns the model, changed in place.
     """
@@ -80,8 +81,9 @@ def record_cuda_graph(step, cache):
     """
     Run step() (one decoding step), then record it as a CUDA graph, which runs nothing. Returns the
     output and a function that replays the graph: the same kernels on the same memory, launched at
-    once. The graph reads the bf16 weights that autocast cast and cached during the eager steps; they
-    live as long as the caller's autocast block, which encloses all of generate().
+    once. Where the blocks are not compiled and a weight is fp32 (the tied head; every weight without
+    bf16_weights), the graph reads the bf16 copy that autocast cast and cached during the eager steps;
+    it lives as long as the caller's autocast block, which encloses all of generate().
     """
     side = torch.cuda.Stream()          # PyTorch asks for the warm-up on a side stream
     side.wait_stream(torch.cuda.current_stream())
@@ -113,8 +115,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps ...")
     p.add_argument("--no_cuda_graph", action="store_true",
                    help="on a GPU, launch every decoding step from Python instead of replaying a CUDA graph")
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks first, as train.py does: "
-                   "compiling takes a while, then decoding is faster on a GPU (README: generation speed)")
+    p.add_argument("--compile", action="store_true", help="torch.compile blocks, injection and head first, as "
+                   "train.py does: compiling takes a while, then decoding is faster on a GPU (README: generation)")
     args = p.parse_args(argv)
     if args.loops is not None and args.loops < 1:
         raise SystemExit("--loops must be at least 1")

@@ -16,6 +16,8 @@ as a CUDA graph), with and without compiling the blocks (sample.py --compile), a
 also launched op by op, and compiled with the fp32 weights. --profile adds a torch.profiler
 table per model (its most expensive kernels, and how much of the step the GPU was busy, from
 the profiler's trace), and two of decoding at 16 loops, with and without compiling.
+`--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
+the layout sample.bf16_weights chooses.
 """
 
 import argparse
@@ -147,8 +149,9 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dyna
 
 def gpu_timeline(prof):
     """The GPU's work in a profile, read from its trace (the chrome-trace export): the kernels, copies
-    and memsets, each an interval of time. Returns how many, their summed time, and how long at
-    least one of them was running (busy_s: the union of the intervals, so overlaps count once)."""
+    and memsets, each an interval of time. Returns how many, their summed time, how long at least
+    one of them was running (busy_s: the union of the intervals, so overlaps count once), and the
+    summed time of each kernel_family."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "trace.json")
         prof.export_chrome_trace(path)
@@ -249,7 +252,7 @@ def profile_decoding(model, loops, path, new_tokens=16):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"loops {loops}, batch 1: the prefill of 128 tokens and {new_tokens} decoding steps; {gpu['kernels']} "
-                f"GPU kernels, {1e3 * gpu['kernel_s']:.1f} ms of GPU time in all\n\n")
+                f"GPU kernels and copies, {1e3 * gpu['kernel_s']:.1f} ms of GPU time in all\n\n")
         f.write(table.table(sort_by="device_time_total" if on_gpu else "cpu_time_total", row_limit=50))
 
 
@@ -268,12 +271,14 @@ def main():
                         "dynamic=True (every size symbolic from the start), as train.py did before")
     parser.add_argument("--skip_training", action="store_true", help="time generation only")
     parser.add_argument("--skip_generation", action="store_true", help="time training only")
-    parser.add_argument("--layouts_only", action="store_true", help="only time one token's matmuls by "
-                        "row-major and column-major bf16 weights (part of the generation measurements)")
+    parser.add_argument("--layouts_only", action="store_true", help="only time one token's matmuls by row-major "
+                        "and column-major bf16 weights (default --out: bench/results/throughput_layouts)")
     parser.add_argument("--flops_ratio_only", action="store_true", help="only print, for each Parcae model, the "
                         "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "throughput"))
+    parser.add_argument("--out", help="the results' path without .json / .md (default: bench/results/throughput)")
     args = parser.parse_args()
+    args.out = args.out or os.path.join(ROOT, "bench", "results",
+                                        "throughput_layouts" if args.layouts_only else "throughput")
     if args.flops_ratio_only:
         for name in [m for m in args.models if m.startswith("parcae")]:
             model, settings = build(name, args.vocab_size, device="cpu")
@@ -323,9 +328,8 @@ def main():
                 run(name, name)
             if name == "parcae_350m":
                 run("parcae_350m mean_loops=32", "parcae_350m", mean_loops=32, backprop_loops=4)
-    if not args.skip_generation or args.layouts_only:
-        for batch_size in (1, 8):
-            results["weight_layouts"] = results.get("weight_layouts", []) + time_weight_layouts(1024, batch_size)
+    if args.layouts_only:
+        results["weight_layouts"] = time_weight_layouts(1024, 1) + time_weight_layouts(1024, 8)
         save()
     if not args.skip_generation and not args.layouts_only:
         profiles = os.path.join(os.path.dirname(args.out), "profiles")
@@ -372,9 +376,9 @@ def markdown(results):
                f"commit {results.get('commit')})")
     lines = []
     if results["training"]:
-        lines += [f"Training on {machine}, bf16, compiled blocks and head; a step is {results.get('accum', 1)} "
-                  f"micro-batch(es) and one optimizer step; mean of {results['steps']} steps after "
-                  f"{results['warmup']} warm-up steps:", "",
+        lines += [f"Training on {machine}, bf16, compiled blocks, injection and head; a step is "
+                  f"{results.get('accum', 1)} micro-batch(es) and one optimizer step; mean of {results['steps']} "
+                  f"steps after {results['warmup']} warm-up steps:", "",
                   "| model | params | micro-batch | tokens/s | step (ms) | MFU | GPU busy | peak memory (GB) |",
                   "|---|---|---|---|---|---|---|---|"]
     for label, r in results["training"].items():
@@ -408,7 +412,8 @@ def markdown(results):
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
     if results.get("weight_layouts"):
         lines += ["" if lines else f"On {machine}.", "",
-                  "A matmul by a bf16 weight of parcae_350m's blocks, as decoding runs it (µs, in a replayed CUDA graph):", "",
+                  "A matmul by a bf16 weight of parcae_350m's blocks, as decoding runs it "
+                  "(µs, in a replayed CUDA graph):", "",
                   "| weight | batch | row-major | column-major |", "|---|---|---|---|"]
         lines += [f"| {r['weight']} | {r['batch_size']} | {r['row_major_us']:.2f} | {r['column_major_us']:.2f} |"
                   for r in results["weight_layouts"]]

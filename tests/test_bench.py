@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import common  # noqa: E402
@@ -245,7 +244,8 @@ def test_the_gpu_timeline_counts_kernels_once_and_nothing_else():
     assert timeline["kernels"] == 4
     assert timeline["kernel_s"] == pytest.approx(215e-6)
     assert timeline["busy_s"] == pytest.approx(165e-6)
-    assert timeline["by_family_s"] == pytest.approx({"matmul": 100e-6, "fused by torch.compile": 100e-6, "other": 15e-6})
+    assert timeline["by_family_s"] == pytest.approx({"matmul": 100e-6, "fused by torch.compile": 100e-6,
+                                                     "other": 15e-6})
     assert throughput.timeline_of([]) == {"kernels": 0, "kernel_s": 0.0, "busy_s": 0.0, "by_family_s": {}}
     assert throughput.kernel_family("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
 

@@ -257,14 +257,21 @@ def test_the_cache_keeps_its_memory_fills_in_chunks_and_refuses_to_overflow():
 
 
 def test_the_cache_stores_what_the_model_computes_in():
-    model = tiny().eval()
+    """fp32 without autocast; bf16 under bf16 autocast, where cached decoding still gives the full
+    forward's logits up to bf16 rounding (|logits| up to ~2 here)."""
+    model = tiny(init_state="zero").eval()
     assert model.new_cache(batch_size=1, loops=2).k[0].dtype == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        cache = model.new_cache(batch_size=1, loops=2)
+    x = tokens(B=2, L=10)[:, :-1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(batch_size=2, loops=2)
+        full, _ = model(x, loops=2)
+        parts = [model(x[:, :6], loops=2, cache=cache)[0]]
+        parts += [model(x[:, i:i + 1], loops=2, cache=cache)[0] for i in range(6, 10)]
     c = model.config
     assert len(cache.k) == len(cache.v) == c.n_prelude + 2 * c.n_core + c.n_coda
     assert cache.k[0].dtype == torch.bfloat16
-    assert cache.k[0].shape == (1, c.n_head, c.block_size, c.n_embd // c.n_head)
+    assert cache.k[0].shape == (2, c.n_head, c.block_size, c.n_embd // c.n_head)
+    assert torch.allclose(torch.cat(parts, dim=1).float(), full.float(), atol=0.05)
 
 # -----------------------------------------------------------------------------
 # training helpers
