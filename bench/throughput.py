@@ -170,7 +170,8 @@ def timeline_of(events):
         end = max(end, stop)
     by_family = {}
     for e in gpu:
-        by_family[kernel_family(e["name"])] = by_family.get(kernel_family(e["name"]), 0.0) + e["dur"] / 1e6
+        family = kernel_family(e["name"])
+        by_family[family] = by_family.get(family, 0.0) + e["dur"] / 1e6
     return {"kernels": len(gpu), "kernel_s": sum(e["dur"] for e in gpu) / 1e6, "busy_s": busy / 1e6,
             "by_family_s": by_family}
 

@@ -220,6 +220,14 @@ def test_stability_stats_report_state_norm_residual_and_A_bar():
 # the KV cache (generation itself: tests/test_sample.py)
 
 
+def decode_with_cache(model, x, loops, prefill=6):
+    """The logits of x from a new cache: the first `prefill` tokens in one forward, then one at a time."""
+    cache = model.new_cache(batch_size=len(x), loops=loops)
+    parts = [model(x[:, :prefill], loops=loops, cache=cache)[0]]
+    parts += [model(x[:, i:i + 1], loops=loops, cache=cache)[0] for i in range(prefill, x.size(1))]
+    return torch.cat(parts, dim=1), cache
+
+
 @pytest.mark.parametrize("injection", INJECTIONS)
 @pytest.mark.parametrize("loops", [1, 3, 16])
 def test_kv_cache_gives_the_same_logits_as_a_full_forward(injection, loops):
@@ -227,10 +235,7 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward(injection, loops):
     x = tokens(B=2, L=10)[:, :-1]
     with torch.no_grad():
         full, _ = model(x, loops=loops)
-        cache = model.new_cache(batch_size=2, loops=loops)
-        prefill, _ = model(x[:, :6], loops=loops, cache=cache)
-        steps = [model(x[:, i:i + 1], loops=loops, cache=cache)[0] for i in range(6, 10)]
-    cached = torch.cat([prefill, *steps], dim=1)
+        cached, _ = decode_with_cache(model, x, loops)
     assert torch.allclose(cached, full, atol=1e-5, rtol=1e-5)
 
 
@@ -263,15 +268,13 @@ def test_the_cache_stores_what_the_model_computes_in():
     assert model.new_cache(batch_size=1, loops=2).k[0].dtype == torch.float32
     x = tokens(B=2, L=10)[:, :-1]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        cache = model.new_cache(batch_size=2, loops=2)
         full, _ = model(x, loops=2)
-        parts = [model(x[:, :6], loops=2, cache=cache)[0]]
-        parts += [model(x[:, i:i + 1], loops=2, cache=cache)[0] for i in range(6, 10)]
+        cached, cache = decode_with_cache(model, x, loops=2)
     c = model.config
     assert len(cache.k) == len(cache.v) == c.n_prelude + 2 * c.n_core + c.n_coda
     assert cache.k[0].dtype == torch.bfloat16
     assert cache.k[0].shape == (2, c.n_head, c.block_size, c.n_embd // c.n_head)
-    assert torch.allclose(torch.cat(parts, dim=1).float(), full.float(), atol=0.05)
+    assert torch.allclose(cached.float(), full.float(), atol=0.05)
 
 # -----------------------------------------------------------------------------
 # training helpers
