@@ -296,7 +296,10 @@ def main(argv=None):
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(cfg, rank, world, device)
+        result = train(cfg, rank, world, device)
+        if ddp:     # no rank tears down its connections while another is still saving or evaluating
+            dist.barrier()
+        return result
     finally:
         if ddp:
             dist.destroy_process_group()

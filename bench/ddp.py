@@ -44,7 +44,12 @@ def torchrun(n_gpus, model, out_dir, args, extra=()):
     with open(os.path.join(out_dir, "log.txt"), "w") as log:
         result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed; see {out_dir}/log.txt")
+        with open(os.path.join(out_dir, "log.txt")) as log:
+            lines = log.readlines()
+        # what the processes printed, without torchrun's own report of their failure that follows it
+        agent = next((i for i, line in enumerate(lines) if "torch/distributed/elastic" in line), len(lines))
+        tail = "".join(lines[:agent][-30:] or lines[-30:])
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {result.returncode}); from {out_dir}/log.txt:\n{tail}")
 
 
 def summarize(out_dir, skip_frac=0.3):
