@@ -2,17 +2,17 @@
 A looped ("recurrent-depth") GPT with the Parcae stable injection, in one file.
 
     tokens -> prelude blocks -> e = norm(prelude output)
-           -> h_0 ~ N(0, σ²)                                   (the recurrent state)
+           -> h_0 ~ N(0, σ²), truncated at ±3σ                 (the recurrent state)
            -> repeat T times:  h <- core_blocks(Ā ⊙ h + Δ ⊙ (e Bᵀ))   (Parcae injection)
            -> C h_T -> coda blocks -> norm -> logits (tied with the input embedding)
 
 Ā = exp(-Δ ⊙ exp(A_log)) with Δ = softplus(dt_bias) lies in (0, 1) for every value of the
 parameters, so the linearised loop cannot blow up: that is the whole trick. The same class
 builds the baselines: the plain Transformer (injection "none"), the naive looped model
-(h + e) and the Huginn-style adapter (W [h; e]). The spec is PARCAE.md; "official" there is
-what this file computes. Also here: RMSNorm, interleaved RoPE, QK-norm, ReLU² MLP, value
-embeddings, zero-init out-projections, per-sequence depths with truncated backprop through
-depth, Muon, and a KV cache that spans the loops.
+(h + e) and the Huginn-style adapter (W [h; e]). The spec is PARCAE.md; its "official" is the
+authors' release, and this file computes as the release does. Also here: RMSNorm,
+interleaved RoPE, QK-norm, ReLU² MLP, value embeddings, zero-init out-projections, per-sequence
+depths with truncated backprop through depth, Muon, and a KV cache that spans the loops.
 """
 
 import math

@@ -40,7 +40,7 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     logits = forward(idx[:, -c.block_size:])            # the prompt, in one pass
     for i in range(max_new_tokens):
         logits = logits[:, :c.vocab_size].float() / max(temperature, 1e-6)
-        if top_k is not None:
+        if top_k:                       # None or 0: every token may be drawn
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         token.copy_(torch.multinomial(F.softmax(logits, dim=-1), num_samples=1))
@@ -110,7 +110,7 @@ def main(argv=None):
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="below 1 is more conservative, above more random")
-    p.add_argument("--top_k", type=int, default=200, help="sample only among the k likeliest tokens")
+    p.add_argument("--top_k", type=int, default=200, help="sample only among the k likeliest tokens (0: among all)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps ...")
     p.add_argument("--no_cuda_graph", action="store_true",
@@ -141,8 +141,11 @@ def main(argv=None):
 
     start = args.start
     if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                start = f.read()
+        except OSError as e:
+            raise SystemExit(f"cannot read the prompt file {start[5:]!r}: {e.strerror}")
     # no prompt: begin as the training data begins a document, after an end-of-text token
     try:
         prompt = encode(start) if start else [meta["eot_token"]]

@@ -40,7 +40,7 @@ from model import GPT, GPTConfig
 # I/O
 out_dir = "out"
 data_dir = "data/stdlib"         # train.bin, val.bin, meta.json, as written by prepare.py
-init_from = "scratch"            # scratch | resume (from out_dir/ckpt.pt)
+init_from = "scratch"            # scratch (an out_dir with no ckpt.pt) | resume (from out_dir/ckpt.pt)
 save_checkpoint = True
 seed = 1337
 device = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps ...
@@ -213,9 +213,12 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train one first (python train.py ... --init_from=scratch)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"could not read the checkpoint {path} ({type(e).__name__}: {e}); it is damaged or not ours")
+    if not (isinstance(ckpt, dict) and "model" in ckpt and "model_config" in ckpt):
+        raise SystemExit(f"{path} is not a checkpoint of this train.py (no 'model' and 'model_config' in it)")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt, path):
@@ -257,18 +260,18 @@ def estimate_mfu(model, tokens_per_sec, device=None):
     return None if peak is None else model.flops_per_token() * tokens_per_sec / peak
 
 
-def compile_model(model, dynamic=None):
+def compile_model(model):
     """
-    torch.compile each block and the head, so the data-dependent loop stays in Python. With
-    dynamic=None shapes start static; the first time a block sees another number of running
-    sequences, Dynamo recompiles it once with that size symbolic, and no later depth compiles again.
+    torch.compile each block, the injection and the head, so the data-dependent loop stays in Python.
+    Shapes start static; the first time a block sees another number of running sequences, Dynamo
+    recompiles it once with that size symbolic, and no later depth compiles again.
     """
     for block in model.blocks():
-        block.compile(dynamic=dynamic)
+        block.compile()
     if model.config.looped:
-        model.injection.compile(dynamic=dynamic)      # a dozen small kernels per iteration, fused
+        model.injection.compile()      # a dozen small kernels per iteration, fused
     # the compiled head, bound to this model as a method is, hides GPT.head for this instance
-    model.head = MethodType(torch.compile(GPT.head, dynamic=dynamic), model)
+    model.head = MethodType(torch.compile(GPT.head), model)
     # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:
     # with or without a value embedding, gradient, fp32 or bf16 input, one sequence or more
     torch._dynamo.config.recompile_limit = 64
@@ -279,7 +282,12 @@ def pick_device(name, local_rank):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"    # under torchrun, one GPU per process
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device={name}, but this PyTorch sees no CUDA GPU: use --device=cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"device={name}, but MPS is not available here: use --device=cpu (or auto)")
+    return device
 
 
 # -----------------------------------------------------------------------------
@@ -329,6 +337,9 @@ def train(cfg, rank, world, device):
     # model, optimizers, and the checkpoint to resume from
     config = model_config(vars(cfg), meta["vocab_size"])
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    if cfg.init_from == "scratch" and os.path.exists(ckpt_path):
+        raise SystemExit(f"{cfg.out_dir} already holds a run ({ckpt_path}); a new one would overwrite it: continue it "
+                         "with --init_from=resume, or start another with a new --out_dir (or delete that one first)")
     ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
     if ckpt:
         differ = [f"{k}={ckpt['model_config'].get(k)!r} there, {v!r} here"
@@ -386,7 +397,9 @@ def train(cfg, rank, world, device):
             if master:
                 bar.write(f"step {step} | val loss " + ", ".join(f"{k} loops {v:.4f}" for k, v in last_val.items()))
                 log_metrics(metrics_path, step=step, val_loss=last_val)
-            if not all(map(math.isfinite, last_val.values())):
+            # a loop that blows up only at a test-time depth is a finding, not a reason to stop
+            trained = [str(cfg.mean_loops)] if str(cfg.mean_loops) in last_val else list(last_val)
+            if not all(math.isfinite(last_val[k]) for k in trained):
                 stop(step, "the validation loss is not finite")
             if master and cfg.save_checkpoint and step > 0:
                 save(ckpt_path, {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],

@@ -276,7 +276,7 @@ def run_all(runs, parallel, gpus=(None,), dry_run=False, on_finish=None):
                 gpu = min(gpus, key=load.get)           # the least busy GPU
                 run_env = env if gpu is None else dict(env, CUDA_VISIBLE_DEVICES=visible[gpu])
                 os.makedirs(s["out_dir"], exist_ok=True)
-                for stale in ("run.json", "metrics.jsonl"):
+                for stale in ("run.json", "metrics.jsonl", "ckpt.pt"):     # a rerun starts afresh
                     if os.path.exists(os.path.join(s["out_dir"], stale)):
                         os.remove(os.path.join(s["out_dir"], stale))
                 log = open(os.path.join(s["out_dir"], "train.log"), "w")

@@ -92,6 +92,8 @@ def main(argv=None):
     for model in args.models:
         for n in args.gpus:
             out_dir = os.path.join(args.work_dir, f"{model}-{n}gpu")
+            if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+                os.remove(os.path.join(out_dir, "ckpt.pt"))     # this bench's own run of an earlier call
             torchrun(n, model, out_dir, args)
             r = summarize(out_dir)
             r["tokens_per_sec_per_gpu"] = r["tokens_per_sec"] / n

@@ -87,12 +87,12 @@ def build(name, vocab_size, cls=GPT, device="cuda", **overrides):
     return model, settings
 
 
-def time_training(model, batch_size, accum, steps, warmup, profile_to=None, dynamic=None):
+def time_training(model, batch_size, accum, steps, warmup, profile_to=None):
     """Mean wall time of a training step (`accum` micro-batches, then the optimizers) over `steps`
     steps after `warmup`, synced. With profile_to, also a torch.profiler table of 2 more steps'
     most expensive GPU kernels, and how busy the GPU was, written to that file."""
     c = model.config
-    train.compile_model(model, dynamic)        # as train.py does
+    train.compile_model(model)        # as train.py does
     optimizers = model.configure_optimizers(lr=1e-3, weight_decay=0.2, device_type="cuda")
     torch.manual_seed(0)
     data = torch.randint(0, c.vocab_size, (accum, batch_size, c.block_size + 1), device="cuda")
@@ -268,8 +268,6 @@ def main():
     parser.add_argument("--vocab_size", type=int, default=50257, help="GPT-2's")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler kernel table per model to profiles/ beside --out")
-    parser.add_argument("--compare_dynamic", action="store_true", help="also time the Parcae loops compiled with "
-                        "dynamic=True (every size symbolic from the start), as train.py did before")
     parser.add_argument("--skip_training", action="store_true", help="time generation only")
     parser.add_argument("--skip_generation", action="store_true", help="time training only")
     parser.add_argument("--layouts_only", action="store_true", help="only time one token's matmuls by row-major "
@@ -293,11 +291,11 @@ def main():
                "cuda": torch.version.cuda, "commit": common.environment()["commit"], "steps": args.steps,
                "warmup": args.warmup, "accum": args.accum, "training": {}, "generation": []}
 
-    def run(label, name, cls=GPT, dynamic=None, **overrides):
+    def run(label, name, cls=GPT, **overrides):
         model, settings = build(name, args.vocab_size, cls, **overrides)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")      # a plain file name
         profile_to = os.path.join(os.path.dirname(args.out), "profiles", f"{safe}.txt") if args.profile else None
-        r = time_training(model, settings["batch_size"], args.accum, args.steps, args.warmup, profile_to, dynamic)
+        r = time_training(model, settings["batch_size"], args.accum, args.steps, args.warmup, profile_to)
         if cls is MaskedLoopGPT:
             r["flops_ratio"] = masked_loop_flops_ratio(model, settings["batch_size"])
         results["training"][label] = r
@@ -321,9 +319,6 @@ def main():
         for size in [m.split("_")[-1] for m in args.models if m.startswith("parcae")]:
             run(f"parcae_{size}", f"parcae_{size}")
             run(f"parcae_{size} (masked loop)", f"parcae_{size}", MaskedLoopGPT)
-            if args.compare_dynamic:
-                run(f"parcae_{size}, dynamic=True", f"parcae_{size}", dynamic=True)
-                run(f"parcae_{size} (masked loop), dynamic=True", f"parcae_{size}", MaskedLoopGPT, dynamic=True)
         for name in args.models:
             if name not in results["training"]:
                 run(name, name)
@@ -389,12 +384,11 @@ def markdown(results):
                      f"{r['tokens_per_sec']:,.0f} | {r['step_ms']:.0f} | {mfu} | {busy} | {r['peak_mem_gb']:.1f} |")
     t = results["training"]
     for size in ("350m", "140m"):
-        for suffix in ("", ", dynamic=True"):
-            a, b = t.get(f"parcae_{size}{suffix}"), t.get(f"parcae_{size} (masked loop){suffix}")
-            if a and b:
-                bound = f" (the FLOPs allow {b['flops_ratio']:.2f}×)" if "flops_ratio" in b else ""
-                lines += ["", f"Active-sequences loop vs masked loop, parcae_{size}{suffix}: "
-                              f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}× the tokens/s{bound}."]
+        a, b = t.get(f"parcae_{size}"), t.get(f"parcae_{size} (masked loop)")
+        if a and b:
+            bound = f" (the FLOPs allow {b['flops_ratio']:.2f}×)" if "flops_ratio" in b else ""
+            lines += ["", f"Active-sequences loop vs masked loop, parcae_{size}: "
+                          f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}× the tokens/s{bound}."]
     m8, m32 = t.get("parcae_350m"), t.get("parcae_350m mean_loops=32")
     if m8 and m32:
         lines += ["", f"Training memory depends on backprop_loops, not on the no-grad iterations: parcae_350m "

@@ -393,12 +393,17 @@ def test_bad_depths_are_refused_instead_of_silently_ignored():
 
 
 def test_readme_line_pointers_name_what_is_on_those_lines():
-    """The README maps each equation to a line of model.py, e.g. `model.py:136   (discretize)`:
-    after an edit of model.py, the named identifier must still be on the line it points to."""
+    """The README maps each equation to a line of model.py, e.g. `model.py:139   (discretize)` or
+    `model.py:145, 360   (A_bar, injection)`: after an edit of model.py, each named identifier must
+    still be on the line it points to, and no pointer goes without a name."""
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     lines = open(os.path.join(ROOT, "model.py"), encoding="utf-8").read().splitlines()
-    pointers = re.findall(r"model\.py:(\d+)(?:, \d+)?\s+\((\w+)\)", readme)         # equation block
-    pointers += [(n, name) for name, n in re.findall(r"`(\w+)`,\s+model\.py:(\d+)", readme)]   # `recur`, model.py:336
-    assert len(pointers) >= 6
+    pointers = []
+    for numbers, names in re.findall(r"model\.py:(\d+(?:, \d+)*)\s+\(([\w.]+(?:, [\w.]+)*)\)", readme):
+        assert len(numbers.split(", ")) == len(names.split(", ")), f"model.py:{numbers} ({names})"
+        pointers += zip(numbers.split(", "), names.split(", "))                          # equation block
+    pointers += [(n, name) for name, n in re.findall(r"`([\w.]+)`,\s+model\.py:(\d+)", readme)]  # `recur`, model.py:339
+    every_number = [n for ns in re.findall(r"model\.py:(\d+(?:, \d+)*)", readme) for n in ns.split(", ")]
+    assert sorted(n for n, _ in pointers) == sorted(every_number), "a README pointer to model.py names nothing"
     for number, name in pointers:
-        assert name in lines[int(number) - 1], f"README points to model.py:{number} for {name}"
+        assert name.split(".")[-1] in lines[int(number) - 1], f"README points to model.py:{number} for {name}"

@@ -8,6 +8,7 @@ import torch
 
 import train
 from conftest import ROOT, TINY, tiny, tokens, write_char_data
+import sample as sample_py
 from sample import bf16_weights, generate
 
 pytest.importorskip("prepare", reason="sample.py decodes with prepare.load_tokenizer")
@@ -58,6 +59,11 @@ def test_a_prompt_outside_the_vocabulary_is_a_clear_error(out_dir):
     assert run.returncode == 1 and "cannot encode the prompt" in run.stderr
 
 
+def test_a_missing_prompt_file_is_a_clear_error(out_dir, tmp_path):
+    with pytest.raises(SystemExit, match="cannot read the prompt file .*nowhere.txt"):
+        sample_py.main([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'nowhere.txt'}"])
+
+
 @pytest.mark.parametrize("injection", ["parcae", "none"])
 def test_greedy_generation_matches_argmax_of_full_forwards_even_past_the_window(injection):
     model = tiny(injection, init_state="zero", block_size=16).eval()
@@ -79,6 +85,17 @@ def test_generated_tokens_stay_inside_the_real_vocabulary():
     model = tiny().eval()
     out = generate(model, tokens(B=4, L=3)[:, :-1], max_new_tokens=30, temperature=2.0)
     assert out.max() < 97
+
+
+def test_top_k_0_samples_among_all_tokens_and_top_k_1_is_greedy():
+    model, x = tiny().eval(), tokens(B=2, L=3)[:, :-1]
+    runs = {}
+    for k in (None, 0, 1):
+        torch.manual_seed(0)
+        runs[k] = generate(model, x, max_new_tokens=20, temperature=2.0, top_k=k)
+    greedy = generate(model, x, max_new_tokens=20, temperature=0.0)
+    assert torch.equal(runs[0], runs[None]) and torch.equal(runs[1], greedy)
+    assert not torch.equal(runs[0], greedy)      # at temperature 2, all 97 tokens have a real chance
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a GPU")

@@ -163,11 +163,25 @@ def test_resume_refuses_other_model_settings_and_a_damaged_checkpoint(tiny_args,
     with pytest.raises(SystemExit, match="no checkpoint at"):
         train.main(tiny_args(init_from="resume"))
     train.main(tiny_args(max_iters=10))
+    # a new run in the same out_dir would overwrite that checkpoint: refused, and the checkpoint kept
+    saved = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run .*--init_from=resume"):
+        train.main(tiny_args(max_iters=10))
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == saved and (tmp_path / "out" / "metrics.jsonl").exists()
     with pytest.raises(SystemExit, match="model settings differ: n_embd=32 there, 64 here"):
         train.main(tiny_args(max_iters=20, init_from="resume", n_embd=64))
     (tmp_path / "out" / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="could not read the checkpoint"):
         train.main(tiny_args(max_iters=20, init_from="resume"))
+    torch.save({"model_args": {}, "model": {}}, tmp_path / "out" / "ckpt.pt")     # another codebase's
+    with pytest.raises(SystemExit, match="not a checkpoint of this train.py"):
+        train.main(tiny_args(max_iters=20, init_from="resume"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_asking_for_a_gpu_that_is_not_there_says_what_to_use():
+    with pytest.raises(SystemExit, match="no CUDA GPU: use --device=cpu"):
+        train.pick_device("cuda", local_rank=0)
 
 
 def test_missing_data_says_how_to_make_it(tiny_args, tmp_path):
@@ -184,6 +198,27 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tin
     assert ckpt["step"] == 10
     assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
     assert max(r["step"] for r in metrics(tmp_path / "out")) == 12
+
+
+@pytest.mark.parametrize("blows_up_at, stops", [(1, False), (2, True)], ids=["test-time depth", "training depth"])
+def test_a_non_finite_validation_loss_stops_training_only_at_the_training_depth(
+        tiny_args, tmp_path, monkeypatch, blows_up_at, stops):
+    """TINY trains at mean_loops = 2 and evaluates at 1 and 2 loops. A loop that diverges only at a
+    depth it was not trained for is a result to log (as null), not a reason to stop."""
+    class Diverging(train.GPT):
+        def forward(self, idx, targets=None, loops=None, **kwargs):
+            logits, loss = super().forward(idx, targets, loops=loops, **kwargs)
+            return logits, loss * float("inf") if not self.training and loops == blows_up_at else loss
+    monkeypatch.setattr(train, "GPT", Diverging)
+    if stops:
+        with pytest.raises(SystemExit, match="stopped at step 0: the validation loss is not finite"):
+            train.main(tiny_args())
+        assert not (tmp_path / "out" / "ckpt.pt").exists()
+    else:
+        train.main(tiny_args())
+        evals = [r["val_loss"] for r in metrics(tmp_path / "out") if "val_loss" in r]
+        assert len(evals) == 4 and all(v["1"] is None and v["2"] < 10 for v in evals)
+        assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 30
 
 
 class NanGradient(torch.autograd.Function):
