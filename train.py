@@ -45,7 +45,7 @@ save_checkpoint = True
 seed = 1337
 device = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps ...
 dtype = "auto"                   # auto (bfloat16 autocast on cuda, float32 elsewhere) | bfloat16 | float32
-compile = "auto"                 # torch.compile the blocks and head: auto (on cuda only) | True | False
+compile = "auto"                 # torch.compile the blocks, injection and head: auto (on cuda only) | True | False
 # model (the vocabulary size comes from the data's meta.json)
 block_size = 128
 n_embd = 96
