@@ -73,9 +73,10 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))    # (B, L, n_head), in (0, 2)
             v = v + gate.unsqueeze(-1) * ve.view_as(v).type_as(v)
-        # RoPE first, then a parameter-free RMS norm of q and k (QK-norm keeps logits tame)
-        q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,), eps=1e-5)
-        k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,), eps=1e-5)
+        # RoPE first, then a parameter-free RMS norm of q and k (QK-norm keeps logits tame), with
+        # PyTorch's default eps (the dtype's machine epsilon), as the release computes it
+        q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,))
+        k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
