@@ -38,8 +38,8 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(head_dim, max_len, base=50_000.0):
-    """cos and sin of the angle position * base^(-2i/head_dim), shape (max_len, head_dim/2), fp32."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    """cos and sin of position / base^(2i/head_dim), (max_len, head_dim/2), fp32, rounded as the release rounds."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)     # not base^(-2i/d)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 

@@ -5,16 +5,24 @@ Turn a text corpus into the token files that train.py reads.
     python prepare.py --source shakespeare              # gpt2 tokenizer -> data/shakespeare
     python prepare.py --source fineweb-edu --num_shards 2
     python prepare.py --input notes/ book.txt --tokenizer char
+    python prepare.py --source fineweb-edu --tokenizer SandyResearch/parcae-tokenizer
 
 It writes data/<name>/train.bin and val.bin (flat uint16 token ids, one
 end-of-text token after each document) and data/<name>/meta.json, which says
-how to decode them: tokenizer ("char" or "gpt2"), vocab_size, eot_token,
-train_tokens, val_tokens, train_docs, val_docs, source (a description) and, for
-char, chars: the vocabulary as one string, where a character's id is its
-position and the end-of-text id is len(chars). load_tokenizer(meta) gives
-encode/decode for either. <name> defaults to the source name
-("text" for --input), with "-<tokenizer>" appended when the tokenizer is not
-that source's default, so different tokenizations never overwrite each other.
+how to decode them: tokenizer ("char", "gpt2", or a pretrained model's: see
+below), vocab_size, eot_token, train_tokens, val_tokens, train_docs, val_docs,
+source (a description) and, for char, chars: the vocabulary as one string, where
+a character's id is its position and the end-of-text id is len(chars).
+load_tokenizer(meta) gives encode/decode for any of them. <name> defaults to the
+source name ("text" for --input), with "-<tokenizer>" appended when the
+tokenizer is not that source's default, so different tokenizations never
+overwrite each other.
+
+--tokenizer also takes a pretrained model's tokenizer, to fine-tune it (hub.py):
+a Hugging Face repo name such as SandyResearch/parcae-tokenizer (the authors'
+models'), or a folder holding a tokenizer.json. Documents are then written as
+the authors' data loader packs them, <|bos|> text <|eos|>; eot_token is <|eos|>
+and meta.json also records bos_token.
 
 Sources and how each is split into train/val:
   stdlib       (default, no download) the top-level *.py files of this Python's
@@ -67,12 +75,23 @@ def get_gpt2():
                          "once so tiktoken can cache them, or set TIKTOKEN_CACHE_DIR to a folder that holds them")
 
 
-def load_tokenizer(meta):
-    """(encode, decode) for a meta.json dict. Both tokenizers render the end-of-text token as
-    EOT_TEXT and encode EOT_TEXT back to it, so decode(encode(s)) == s."""
-    if meta["tokenizer"] == "gpt2":
+def get_encoding(tokenizer):
+    """tiktoken Encoding of gpt2 or of a pretrained model's tokenizer, and meta.json's fields for it."""
+    if tokenizer == "gpt2":
         enc = get_gpt2()
-        return (lambda s: enc.encode(s, allowed_special={EOT_TEXT})), enc.decode
+        return enc, dict(vocab_size=enc.n_vocab, eot_token=enc.eot_token)
+    import hub  # only a pretrained model's tokenizer needs it
+    return hub.load_encoding(tokenizer), hub.tokenizer_meta(tokenizer)
+
+
+def load_tokenizer(meta):
+    """(encode, decode) for a meta.json dict. Each tokenizer renders its special tokens as text (the
+    end-of-text token as EOT_TEXT for char and gpt2, as <|eos|> for a pretrained model's) and
+    encodes that text back to them, so decode(encode(s)) == s."""
+    if meta["tokenizer"] != "char":
+        enc = get_encoding(meta["tokenizer"])[0]
+        special = {EOT_TEXT} if meta["tokenizer"] == "gpt2" else "all"
+        return (lambda s: enc.encode(s, allowed_special=special)), enc.decode
     chars, eot = meta["chars"], meta["eot_token"]
     encode_text, itos = char_encoder(chars), list(chars) + [EOT_TEXT]
 
@@ -186,17 +205,22 @@ def text_docs(inputs):
 # fineweb-edu: too big for memory, so it streams through per-shard token files
 
 
-def _gpt2_batch(texts):
-    """Pool worker: a batch of documents -> one uint16 array, EOT after each."""
-    enc = get_gpt2()  # tiktoken caches it, so this is cheap after the first call in each worker
-    ids = []
-    for t in texts:
-        ids.extend(enc.encode_ordinary(t))  # ordinary: a literal "<|endoftext|>" in the text stays text
-        ids.append(enc.eot_token)
-    return len(texts), np.array(ids, dtype=np.uint16)
+def framed(stats, docs):
+    """Each document's ids as the tokenizer's data have them: after its BOS token if it has one, then EOT."""
+    bos = [stats["bos_token"]] if "bos_token" in stats else []
+    return [bos + d + [stats["eot_token"]] for d in docs]
 
 
-def tokenize_parquet(src, dst, num_proc):
+def _encode_batch(job):
+    """Pool worker: (tokenizer, a batch of documents) -> one uint16 array of the framed documents."""
+    tokenizer, texts = job
+    enc, stats = get_encoding(tokenizer)  # cached, so this is cheap after the first call in each worker
+    # ordinary: a special token's text inside a document (a literal "<|endoftext|>") stays text
+    ids = framed(stats, enc.encode_ordinary_batch(texts))
+    return len(texts), np.array([i for d in ids for i in d], dtype=np.uint16)
+
+
+def tokenize_parquet(src, dst, num_proc, tokenizer):
     try:
         import pyarrow.parquet as pq  # only this source reads parquet
     except ImportError:
@@ -214,7 +238,8 @@ def tokenize_parquet(src, dst, num_proc):
         # a few thousand documents at a time: Pool.imap would read the whole shard into memory
         for batch in pf.iter_batches(batch_size=8192, columns=["text"]):
             texts = [t or "" for t in batch.column("text").to_pylist()]
-            for n, ids in pool.imap(_gpt2_batch, [texts[i:i + 256] for i in range(0, len(texts), 256)]):
+            jobs = [(tokenizer, texts[i:i + 256]) for i in range(0, len(texts), 256)]
+            for n, ids in pool.imap(_encode_batch, jobs):
                 ids.tofile(f)
                 bar.update(n)
     os.replace(tmp, dst)
@@ -230,9 +255,10 @@ def doc_ends(path, eot):
     return np.concatenate(ends)
 
 
-def prepare_fineweb(folder, url, num_shards, num_proc):
+def prepare_fineweb(folder, url, num_shards, num_proc, tokenizer):
     """Download and tokenize the shards not done yet, then write train.bin/val.bin from them."""
-    eot = get_gpt2().eot_token  # fail early, before any download, if the tokenizer is missing
+    stats = get_encoding(tokenizer)[1]  # fail early, before any download, if the tokenizer is missing
+    eot = stats["eot_token"]
     shards = []
     for i in range(num_shards):
         name = f"{i:03d}_00000"
@@ -240,7 +266,7 @@ def prepare_fineweb(folder, url, num_shards, num_proc):
         if not os.path.exists(tokens):  # tokenized already: neither download nor parquet needed
             download(url.rstrip("/") + f"/{name}.parquet", parquet,
                      "check your connection, --url, and that --num_shards is not more than there are")
-            tokenize_parquet(parquet, tokens, num_proc)
+            tokenize_parquet(parquet, tokens, num_proc, tokenizer)
         shards.append(tokens)
     ends = [doc_ends(p, eot) for p in shards]
     if len(ends[0]) < 2:
@@ -260,8 +286,7 @@ def prepare_fineweb(folder, url, num_shards, num_proc):
     atomic_write(os.path.join(folder, "val.bin"), write_val)
     atomic_write(os.path.join(folder, "train.bin"), write_train)
     tokens, docs = sum(os.path.getsize(p) // 2 for p in shards), sum(len(e) for e in ends)
-    return dict(vocab_size=get_gpt2().n_vocab, eot_token=eot, train_tokens=tokens - cut, train_docs=docs - n_val,
-                val_tokens=cut, val_docs=n_val)
+    return dict(stats, train_tokens=tokens - cut, train_docs=docs - n_val, val_tokens=cut, val_docs=n_val)
 
 
 # -----------------------------------------------------------------------------
@@ -282,18 +307,14 @@ def write_docs(folder, train_docs, val_docs, tokenizer):
         stats = dict(vocab_size=len(chars) + 1, eot_token=len(chars))
         encode_all = lambda docs: list(map(char_encoder(chars), docs))
     else:
-        enc = get_gpt2()
-        stats = dict(vocab_size=enc.n_vocab, eot_token=enc.eot_token)
+        enc, stats = get_encoding(tokenizer)
         encode_all = enc.encode_ordinary_batch  # ordinary: a literal "<|endoftext|>" in the text stays text
     if stats["vocab_size"] > 1 << 16:
         raise SystemExit(f"prepare.py: a vocabulary of {stats['vocab_size']} does not fit the uint16 token "
                          "files (at most 65536); use --tokenizer gpt2, or text with fewer distinct characters")
     os.makedirs(folder, exist_ok=True)
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = []
-        for d in encode_all(docs):
-            ids += d
-            ids.append(stats["eot_token"])
+        ids = [i for d in framed(stats, encode_all(docs)) for i in d]
         atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
         stats.update({f"{split}_tokens": len(ids), f"{split}_docs": len(docs)})
     if tokenizer == "char":
@@ -312,19 +333,23 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
                          f"choose one of {', '.join(SOURCES)}, or pass --input FILES")
     default_tokenizer = "char" if source == "stdlib" else "gpt2"
     tokenizer = tokenizer or default_tokenizer
-    if tokenizer not in ("char", "gpt2"):
-        raise SystemExit(f"prepare.py: unknown tokenizer {tokenizer!r}; choose char or gpt2")
+    if os.path.isdir(tokenizer):  # a folder with a pretrained model's tokenizer.json: found from anywhere
+        tokenizer = os.path.abspath(tokenizer)
+    elif tokenizer not in ("char", "gpt2") and "/" not in tokenizer:
+        raise SystemExit(f"prepare.py: unknown tokenizer {tokenizer!r}; choose char or gpt2, or a pretrained "
+                         "model's: a Hugging Face repo such as SandyResearch/parcae-tokenizer, or a folder")
     if source == "fineweb-edu" and tokenizer == "char":
-        raise SystemExit("prepare.py: fineweb-edu is gpt2 only: its web text has thousands of distinct "
-                         "characters, which make a poor (and possibly > 65536 entry) char vocabulary")
+        raise SystemExit("prepare.py: fineweb-edu is not for the char tokenizer: its web text has thousands of "
+                         "distinct characters, which make a poor (and possibly > 65536 entry) char vocabulary")
     if num_shards < 1:
         raise SystemExit("prepare.py: --num_shards must be at least 1")
-    folder = os.path.join(out_dir, name or (source if tokenizer == default_tokenizer else f"{source}-{tokenizer}"))
+    suffix = os.path.basename(tokenizer.rstrip("/"))  # SandyResearch/parcae-tokenizer -> parcae-tokenizer
+    folder = os.path.join(out_dir, name or (source if tokenizer == default_tokenizer else f"{source}-{suffix}"))
 
     if source == "fineweb-edu":  # too big for memory: streamed through per-shard token files
         url = url or FINEWEB_URL
         desc = f"FineWeb-Edu sample/10BT, {num_shards} shard(s) from {url}; val = first 1% of shard 0's documents"
-        stats = prepare_fineweb(folder, url, num_shards, num_proc or os.cpu_count())
+        stats = prepare_fineweb(folder, url, num_shards, num_proc or os.cpu_count(), tokenizer)
     else:
         if source == "stdlib":
             train_docs, val_docs, desc = stdlib_docs()
@@ -345,7 +370,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help=f"one of {', '.join(SOURCES)} (default: stdlib)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="local text files or folders instead of a source")
-    p.add_argument("--tokenizer", choices=("char", "gpt2"), help="default: char for stdlib, gpt2 otherwise")
+    p.add_argument("--tokenizer", help="char | gpt2 | a pretrained model's: a Hugging Face repo such as "
+                   "SandyResearch/parcae-tokenizer, or a folder with a tokenizer.json (default: char for stdlib, "
+                   "gpt2 otherwise)")
     p.add_argument("--name", help="output folder name (default: the source name)")
     p.add_argument("--out_dir", default="data")
     p.add_argument("--url", help="shakespeare: the file to download; fineweb-edu: the folder holding the shards")

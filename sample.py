@@ -5,8 +5,10 @@ generate() is the decoding loop: prefill, then one new token at a time with the 
     python sample.py                                 # out/ckpt.pt, the model's mean_loops
     python sample.py --loops 16 --start "def main():"
     python sample.py --out_dir=out-parcae-350m --loops 1 --start FILE:prompt.txt
+    python sample.py --init_from=SandyResearch/parcae-140m --loops 16 --start "The sea"
 
 The checkpoint carries its tokenizer (the data's meta.json), so the data folder is not needed.
+--init_from samples one of the authors' pretrained models instead (hub.py).
 """
 import argparse
 from contextlib import nullcontext
@@ -104,6 +106,8 @@ def record_cuda_graph(step, cache):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="the folder holding ckpt.pt (train.py's out_dir)")
+    p.add_argument("--init_from", help="a pretrained model instead of out_dir's: a Hugging Face repo such as "
+                   "SandyResearch/parcae-140m, or a folder holding its files (hub.py)")
     p.add_argument("--loops", type=int, help="core iterations per token (default: the model's mean_loops)")
     p.add_argument("--start", default="", help='the prompt, or FILE:path to read it from a file '
                                                '(default: the start of a new document)')
@@ -121,12 +125,16 @@ def main(argv=None):
     if args.loops is not None and args.loops < 1:
         raise SystemExit("--loops must be at least 1")
 
-    path = f"{args.out_dir}/ckpt.pt"
-    ckpt = train.load_checkpoint(path)
-    model = train.model_from_checkpoint(ckpt, path)
-    meta = ckpt.get("meta") or {}
-    if "tokenizer" not in meta:
-        raise SystemExit(f"{path} does not say which tokenizer its data used; retrain it with this train.py")
+    if args.init_from:
+        import hub
+        model, meta = hub.load_pretrained(args.init_from)
+    else:
+        path = f"{args.out_dir}/ckpt.pt"
+        ckpt = train.load_checkpoint(path)
+        model = train.model_from_checkpoint(ckpt, path)
+        meta = ckpt.get("meta") or {}
+        if "tokenizer" not in meta:
+            raise SystemExit(f"{path} does not say which tokenizer its data used; retrain it with this train.py")
 
     from prepare import load_tokenizer      # here, so that --help works without prepare's dependencies
     encode, decode = load_tokenizer(meta)
@@ -146,9 +154,10 @@ def main(argv=None):
                 start = f.read()
         except OSError as e:
             raise SystemExit(f"cannot read the prompt file {start[5:]!r}: {e.strerror}")
-    # no prompt: begin as the training data begins a document, after an end-of-text token
+    # no prompt: begin as the training data begins a document: after its BOS token if the tokenizer has one
+    # (the authors'), else after an end-of-text token
     try:
-        prompt = encode(start) if start else [meta["eot_token"]]
+        prompt = encode(start) if start else [meta.get("bos_token", meta["eot_token"])]
     except ValueError as e:     # e.g. a character the char tokenizer never saw
         raise SystemExit(f"cannot encode the prompt: {e}")
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)

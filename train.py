@@ -40,7 +40,8 @@ from model import GPT, GPTConfig
 # I/O
 out_dir = "out"
 data_dir = "data/stdlib"         # train.bin, val.bin, meta.json, as written by prepare.py
-init_from = "scratch"            # scratch (an out_dir with no ckpt.pt) | resume (from out_dir/ckpt.pt)
+init_from = "scratch"            # scratch (an out_dir with no ckpt.pt) | resume (from out_dir/ckpt.pt) | a pretrained
+                                 # model to fine-tune (hub.py): SandyResearch/parcae-140m, or a folder of its files
 save_checkpoint = True
 seed = 1337
 device = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps ...
@@ -78,7 +79,7 @@ eval_loops = [1, 2, 4, 8]        # loop counts to evaluate at (the Transformer i
 log_interval = 50
 
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))}
-CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "bfloat16", "float32"),
+CHOICES = {"dtype": ("auto", "bfloat16", "float32"),
            "compile": ("auto", True, False), "schedule": ("trapezoid", "cosine")}
 AT_LEAST_ONE = {"block_size", "batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
                 "log_interval", "eval_loops"}    # (for eval_loops: each of its entries)
@@ -337,17 +338,31 @@ def train(cfg, rank, world, device):
     # model, optimizers, and the checkpoint to resume from
     config = model_config(vars(cfg), meta["vocab_size"])
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    if cfg.init_from == "scratch" and os.path.exists(ckpt_path):
+    if cfg.init_from != "resume" and os.path.exists(ckpt_path):
         raise SystemExit(f"{cfg.out_dir} already holds a run ({ckpt_path}); a new one would overwrite it: continue it "
                          "with --init_from=resume, or start another with a new --out_dir (or delete that one first)")
     ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
-    if ckpt:
+    pretrained = None       # fine-tuning: the pretrained model's settings replace the model settings here
+    if cfg.init_from not in ("scratch", "resume"):
+        import hub
+        if rank > 0:        # rank 0 downloads it first; the others then read its cache
+            dist.barrier()
+        try:
+            pretrained = hub.load_for_data(cfg.init_from, meta, cfg.data_dir, cfg.block_size)
+        finally:
+            if rank == 0 and world > 1:
+                dist.barrier()
+        config = pretrained.config
+    if ckpt and ckpt.get("pretrained"):
+        config = GPTConfig(**ckpt["model_config"])      # a fine-tuned model keeps the pretrained one's settings
+    elif ckpt:
         differ = [f"{k}={ckpt['model_config'].get(k)!r} there, {v!r} here"
                   for k, v in asdict(config).items() if ckpt["model_config"].get(k) != v]
         if differ:
             raise SystemExit(f"cannot resume from {ckpt_path}: the model settings differ: {'; '.join(differ)}")
     torch.manual_seed(cfg.seed)     # the same initial weights on every rank
-    model = raw_model = GPT(config).to(device)
+    model = raw_model = (pretrained or GPT(config)).to(device)
+    pretrained_name = cfg.init_from if pretrained else ckpt and ckpt.get("pretrained")    # kept in each checkpoint
     optimizers = raw_model.configure_optimizers(cfg.lr, cfg.weight_decay, device.type)
     muon = optimizers[0]
     start_step, train_time, last_val, saved_step = 0, 0.0, None, None
@@ -379,8 +394,10 @@ def train(cfg, rank, world, device):
                 f.writelines(json.dumps(r) + "\n" for r in lines
                              if r["step"] < start_step or (r["step"] == start_step and "val_loss" in r))
         tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
-        loops = f"{cfg.mean_loops} loops on average, {cfg.backprop_loops} with gradient" if config.looped else "no loop"
-        print(f"{cfg.injection} model: {raw_model.num_params() / 1e6:.2f}M parameters, {loops} | "
+        loops = (f"{config.mean_loops} loops on average, {config.backprop_loops} with gradient" if config.looped
+                 else "no loop")
+        print((f"fine-tuning {pretrained_name}, " if pretrained_name else "") +
+              f"{config.injection} model: {raw_model.num_params() / 1e6:.2f}M parameters, {loops} | "
               f"{tokens_per_step:,} tokens per step on {world} process(es) | {device}, "
               f"{'bfloat16' if bf16 else 'float32'}, {'compiled' if use_compile else 'not compiled'}"
               + (f" | resuming at step {start_step}" if start_step else ""))
@@ -398,12 +415,13 @@ def train(cfg, rank, world, device):
                 bar.write(f"step {step} | val loss " + ", ".join(f"{k} loops {v:.4f}" for k, v in last_val.items()))
                 log_metrics(metrics_path, step=step, val_loss=last_val)
             # a loop that blows up only at a test-time depth is a finding, not a reason to stop
-            trained = [str(cfg.mean_loops)] if str(cfg.mean_loops) in last_val else list(last_val)
+            trained = [str(config.mean_loops)] if str(config.mean_loops) in last_val else list(last_val)
             if not all(math.isfinite(last_val[k]) for k in trained):
                 stop(step, "the validation loss is not finite")
             if master and cfg.save_checkpoint and step > 0:
                 save(ckpt_path, {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                                  "model_config": asdict(config), "settings": vars(cfg), "meta": meta, "step": step,
+                                 "pretrained": pretrained_name,
                                  "val_loss": last_val, "train_time": train_time + time.time() - t_start})
                 saved_step = step
             t_log += time.time() - t_eval       # so that tokens/s counts training alone

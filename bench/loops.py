@@ -4,13 +4,17 @@ saturating exponential the paper fits to it, L(T) = L∞ + Z·exp(−z·T) (PARC
 
     python bench/loops.py --data_dir=data/bench                 # the looped models of quality.json's largest budget
     python bench/loops.py --data_dir=data/bench --checkpoints out/bench/small/quality/parcae_24M --loops 1 4 16
+    python bench/loops.py --data_dir=data/fineweb-edu-parcae-tokenizer --init_from=SandyResearch/parcae-140m
 
 Every T sees the same validation batches as train.py's own evaluation (its get_batch), and
 so the same random initial states h_0: with --batches equal to the run's eval_iters, the
-loss at T = μ_rec is the run's final validation loss. bf16 autocast on CUDA. The fit is
-least squares: for each z on a grid over [0.001, 5], L∞ and Z are a linear least-squares
-problem; we keep the z with the smallest squared error, refining the grid around it, and
-report R² (1 is a perfect fit). z at 5 means the loss is flat after the first loop or two.
+loss at T = μ_rec is the run's final validation loss. --init_from evaluates one of the
+authors' pretrained models instead (hub.py), on data prepared with its tokenizer, in
+windows of its block_size, with seed 1337 and the preset's batch size (--preset tiny on a
+CPU). bf16 autocast on CUDA. The fit is least squares: for each z on a grid over
+[0.001, 5], L∞ and Z are a linear least-squares problem; we keep the z with the smallest
+squared error, refining the grid around it, and report R² (1 is a perfect fit). z at 5
+means the loss is flat after the first loop or two.
 Non-finite losses (a loop that blew up) are shown but left out of the fit.
 Writes loops.json, loops.md and loops.png to --results_dir.
 """
@@ -38,10 +42,12 @@ def main(argv=None):
                                                     "looped models at its largest budget")
     p.add_argument("--loops", nargs="+", type=int, help="test-time depths (default: the preset's)")
     p.add_argument("--batches", type=int, help="validation batches per depth (default: the preset's)")
+    p.add_argument("--init_from", help="a pretrained model instead: a Hugging Face repo such as "
+                                       "SandyResearch/parcae-140m, or a folder holding its files (hub.py)")
     args = common.finish_args(p.parse_args(argv))
     loops = sorted(args.loops or args.preset["loops"])
     batches = args.batches or args.preset["loop_batches"]
-    checkpoints = find_checkpoints(args)
+    checkpoints = [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args)
     print(f"test-time depth: {len(checkpoints)} models × {len(loops)} depths × {batches} batches")
     if args.dry_run:
         for label, path in checkpoints:
@@ -55,7 +61,7 @@ def main(argv=None):
                "data_dir": args.data_dir, "loops": loops, "batches": batches,
                "models": []}
     for label, path in checkpoints:
-        model, settings = load(path, device)
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
         losses = evaluate(model, args.data_dir, settings, loops, batches, device)
         ok = [(T, L) for T, L in losses.items() if math.isfinite(L)]
         fit = fit_exponential(*zip(*ok)) if len(ok) >= 3 else None
@@ -102,6 +108,15 @@ def load(path, device):
     if not model.config.looped:
         raise SystemExit(f"{path} holds a plain Transformer: it has no loop to vary")
     return model.to(device).eval(), ckpt["settings"]
+
+
+def load_pretrained(args, device):
+    """A pretrained model (hub.py), in eval mode, and the settings its evaluation reads."""
+    import hub
+    model = hub.load_for_data(args.init_from, args.meta, args.data_dir)
+    if not model.config.looped:
+        raise SystemExit(f"{args.init_from} is a plain Transformer: it has no loop to vary")
+    return model.to(device).eval(), {"seed": 1337, "batch_size": args.preset["train"]["batch_size"]}
 
 
 def evaluate(model, data_dir, settings, loops, batches, device):
