@@ -93,7 +93,7 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None):
     most expensive GPU kernels, and how busy the GPU was, written to that file."""
     c = model.config
     train.compile_model(model)        # as train.py does
-    optimizers = model.configure_optimizers(lr=1e-3, weight_decay=0.2, device_type="cuda")
+    optimizers = train.configure_optimizers(model, lr=1e-3, weight_decay=0.2, device_type="cuda")
     torch.manual_seed(0)
     data = torch.randint(0, c.vocab_size, (accum, batch_size, c.block_size + 1), device="cuda")
 
