@@ -24,12 +24,15 @@ Writes loops.json, loops.md and loops.png to --results_dir.
     relative state change ‖h_T − h_(T−1)‖/‖h_T‖, and the KL between the predictions at T and T − 1,
     which needs the coda and the head at every iteration; costs are forward MFLOPs per token;
   - what the shared KV cache costs: the loss of decoding token by token with each cache, at μ_rec
-    and at the cap (--decode_batches batches).
+    and at the cap (--decode_batches batches);
+  - on a GPU, decoding speed at batch 1: fixed depths (a CUDA graph, or launched from Python) and
+    adaptive exit, which must launch from Python (its loop ends on a host-side test).
 """
 
 import json
 import math
 import os
+import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -193,6 +196,9 @@ def adaptive_main(args):
             print(f"  decoding at {d['loops']} loops, {'shared' if d['shared'] else 'full'} cache: "
                   f"loss {d['loss']:.4f}", flush=True)
         r["claim"] = adaptive_claim(r)
+        if device.type == "cuda":
+            eps = (r["claim"]["best"] or r["adaptive"][-1])["threshold"]
+            r["speed"] = decoding_speed(model, args.data_dir, settings, mu, cap, eps, device)
         results["models"].append(r)
         del model
     common.write_json(os.path.join(args.results_dir, "adaptive.json"), results)
@@ -308,6 +314,27 @@ def decoding_loss(model, data_dir, settings, loops, shared, batches, device):
     return {"loss": float(np.mean(losses))}
 
 
+def decoding_speed(model, data_dir, settings, mu, cap, eps, device, new_tokens=128):
+    """New tokens per second at batch 1 as sample.py decodes (bf16 autocast, fp32 weights here): fixed
+    depths replayed as a CUDA graph and launched from Python, and adaptive exit, which must launch."""
+    x, _ = val_batch(data_dir, settings, model, 0, device)
+    prompt = x[:1, :64]
+    rows = []
+    for loops, eps_, graph in ((mu, None, True), (cap, None, True), (mu, None, False), (cap, None, False),
+                               (cap, eps, False)):
+        stats = {}
+        with autocast_for(device):
+            sample.generate(model, prompt, 16, loops=loops, cuda_graph=graph, exit_threshold=eps_)   # warm-up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sample.generate(model, prompt, new_tokens, loops=loops, cuda_graph=graph, exit_threshold=eps_, stats=stats)
+            torch.cuda.synchronize()
+        rows.append({"loops": loops, "threshold": eps_, "cuda_graph": graph,
+                     "tokens_per_sec": new_tokens / (time.perf_counter() - t0),
+                     "mean_loops": stats["loops_per_token"].float().mean().item() if stats else loops})
+    return rows
+
+
 def adaptive_claim(r):
     """The issue's claim: adaptive exit within 0.01 nats of the fixed T = μ_rec loss with ≥ 30 % fewer loops."""
     target = r["fixed"][str(r["mean_loops"])] + 0.01
@@ -350,6 +377,12 @@ def adaptive_markdown(results):
             full, shared = (next(d["loss"] for d in r["decoding"] if d["loops"] == T and d["shared"] == s)
                             for s in (False, True))
             lines.append(f"| {T} | {full:.4f} | {shared:.4f} | {shared - full:+.4f} |")
+        if r.get("speed"):
+            lines += ["", "Decoding speed, batch 1, 64-token prompt, 128 new tokens, full cache:", "",
+                      "| loops | exit | decoding | mean loops per token | new tokens/s |", "|---|---|---|---|---|"]
+            lines += [f"| {d['loops']} | {'ε = %g' % d['threshold'] if d['threshold'] is not None else 'fixed'} | "
+                      f"{'CUDA graph' if d['cuda_graph'] else 'launched from Python'} | {d['mean_loops']:.2f} | "
+                      f"{d['tokens_per_sec']:,.0f} |" for d in r["speed"]]
         lines.append("")
     env = results["environment"]
     lines.append(f"({env['device']}, torch {env['torch']}, commit {env['commit']}, data {results['data_dir']}.)")
