@@ -183,16 +183,16 @@ def fit_exponential(T, L):
 
 
 def adaptive_main(args):
-    if not args.checkpoints:
-        raise SystemExit("--adaptive needs --checkpoints: the run folders (or ckpt.pt files) to measure")
+    if not (args.checkpoints or args.init_from):
+        raise SystemExit("--adaptive needs --checkpoints (run folders or ckpt.pt files) or --init_from")
     batches = args.batches or args.preset["loop_batches"]
     device = torch.device(args.overrides.get("device", args.preset["train"]["device"]))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this preset evaluates on cuda, and there is no GPU here (try --preset tiny)")
     results = {"preset": args.preset_name, "environment": common.environment(), "data_dir": args.data_dir,
                "batches": batches, "decode_batches": args.decode_batches, "models": []}
-    for label, path in find_checkpoints(args):
-        model, settings = load(path, device)
+    for label, path in [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args):
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
         mu = model.config.mean_loops
         cap = args.cap or 2 * mu
         print(f"{label}: μ_rec {mu}, cap {cap}, {batches} batches", flush=True)

@@ -543,3 +543,12 @@ def test_bench_loops_measures_a_pretrained_model_at_each_depth(pretrained, parca
     assert m["model"] == MODEL and m["mean_loops"] == 4 and list(m["losses"]) == ["1", "2", "4", "8"]
     assert all(np.isfinite(v) for v in m["losses"].values()) and m["fit"] is not None
     assert (tmp_path / "results" / "loops.png").exists()
+
+
+def test_bench_loops_adaptive_measures_a_pretrained_model(pretrained, parcae_data, tmp_path):
+    results = loops.main(["--data_dir", str(parcae_data), "--preset", "tiny", "--init_from", MODEL, "--adaptive",
+                          "--cap", "4", "--thresholds", "0.1", "0", "--batches", "1", "--decode_batches", "1",
+                          "--results_dir", str(tmp_path / "results")])
+    (m,) = results["models"]
+    assert m["model"] == MODEL and [a["threshold"] for a in m["adaptive"]] == [0.1, 0]
+    assert m["adaptive"][1]["mean_loops"] == 4 and (tmp_path / "results" / "adaptive.md").exists()
