@@ -308,12 +308,12 @@ def code_point_chunks(docs, batch=1024):
         yield np.frombuffer(text, dtype="<u4"), [len(d) for d in docs[i:i + batch]]
 
 
-def char_token_chunks(docs, chars, eot):
+def char_token_chunks(docs, chars, eot, batch=1024):
     """uint16 ids of docs (each character's position in chars), an EOT after each document: the ids
     char_encoder gives, but by a lookup table indexed by code point."""
     table = np.zeros(0x110000, dtype=np.uint16)
     table[[ord(c) for c in chars]] = np.arange(len(chars))
-    for codes, lengths in code_point_chunks(docs):
+    for codes, lengths in code_point_chunks(docs, batch):
         yield np.insert(table[codes], np.cumsum(lengths), eot)
 
 
