@@ -5,6 +5,8 @@ Turn a text corpus into the token files that train.py reads.
     python prepare.py --source shakespeare              # gpt2 tokenizer -> data/shakespeare
     python prepare.py --source fineweb-edu --num_shards 2
     python prepare.py --input notes/ book.txt --tokenizer char
+    python prepare.py --input $(python -c "import site; print(site.getsitepackages()[0])") \
+        --suffix .py --tokenizer char --name sitepkg      # the Python sources of the installed packages
 
 It writes data/<name>/train.bin and val.bin (flat uint16 token ids, one
 end-of-text token after each document) and data/<name>/meta.json, which says
@@ -169,13 +171,13 @@ def text_docs(inputs, suffixes=()):
             raise SystemExit(f"prepare.py: {p} is not a file or folder; check the --input path")
     docs, skipped, seen, duplicates = [], 0, set(), 0
     for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
         try:
+            with open(path, "rb") as f:
+                data = f.read()
             if not data or b"\0" in data:  # a NUL byte: almost surely binary, even if it decodes
                 raise ValueError
             text = data.decode("utf-8")
-        except ValueError:  # UnicodeDecodeError is a ValueError
+        except (OSError, ValueError):  # unreadable (a broken link, say); UnicodeDecodeError is a ValueError
             skipped += 1
             continue
         # the same content twice (vendored copies of a package, say) would put a document in
@@ -187,11 +189,11 @@ def text_docs(inputs, suffixes=()):
             seen.add(digest)
             docs.append(text)
     if skipped:
-        print(f"skipped {skipped} empty, binary or non-UTF-8 file(s)")
+        print(f"skipped {skipped} unreadable, empty, binary or non-UTF-8 file(s)")
     if duplicates:
         print(f"dropped {duplicates} file(s) whose content an earlier file has")
     if not docs:
-        raise SystemExit(f"prepare.py: no text files in {' '.join(inputs)} ({skipped} skipped as empty, "
+        raise SystemExit(f"prepare.py: no text files in {' '.join(inputs)} ({skipped} skipped as unreadable, empty, "
                          "binary or non-UTF-8); pass UTF-8 text files or folders that contain some")
     split = split_90_10(docs[0]) if len(docs) == 1 else split_every_10th(docs)
     kept = f" named *{' *'.join(suffixes)} in folders" if suffixes else ""

@@ -84,8 +84,10 @@ SCALING = {
     "tiny": {"train": dict(eval_iters=2), "mean_loops": [1, 2, 4], "budgets": [2.5e8, 5e8, 1e9],
              "flops_per_sec": 1e9},
     # one H200, 8 runs at a time, one micro-batch of 16 × 512 tokens per step; budgets spaced by √10
-    # over 32×, ~5e16 FLOPs in all. flops_per_sec: a placeholder, to be replaced by a measured rate
-    "small": {"train": dict(grad_accum_steps=1, eval_iters=16), "mean_loops": [1, 2, 4, 6, 8, 12, 16],
+    # over 32×, ~4e16 FLOPs in all with evaluation. 8 validation batches (65k tokens, the same for every
+    # run and T, so comparisons are paired) keep the 13 depths at step 0 and at the end to ~12 % of the
+    # FLOPs. flops_per_sec: a placeholder, to be replaced by a measured rate
+    "small": {"train": dict(grad_accum_steps=1, eval_iters=8), "mean_loops": [1, 2, 4, 6, 8, 12, 16],
               "budgets": [1e14, 3.16e14, 1e15, 3.16e15], "flops_per_sec": 5e13},
 }
 
@@ -121,7 +123,7 @@ def main(argv=None):
         if todo:
             work, seconds = sum(r["flops"] + r["eval_flops"] for r in todo), time.time() - t0
             print(f"trained {len(todo)} runs, {work:.3g} FLOPs with evaluation, in {seconds:.0f} s: "
-                  f"{work / seconds:.3g} FLOP/s over all runs (the preset assumes {scaling['flops_per_sec']:.3g})")
+                  f"{work / seconds:.3g} FLOP/s over all runs, start-ups included (the preset assumes {scaling['flops_per_sec']:.3g})")
     results = collect(args, runs, argv)
     common.write_json(os.path.join(args.results_dir, "scaling.json"), results)
     with open(os.path.join(args.results_dir, "scaling.md"), "w") as f:
@@ -404,23 +406,26 @@ def test_time_law(runs):
     return out
 
 
-def verdict(results):
-    """Plain-language answers to the issue's two questions, and the unified test-time law."""
-    laws, ci, tt = results["laws"], results["bootstrap"], results["test_time"]
+def trend(interval):
+    """What a 95 % interval says about an exponent's sign."""
+    if interval is None:
+        return "not measured"
+    return ("grows with C" if interval[0] > 0 else "shrinks with C" if interval[1] < 0
+            else "not established (the interval includes 0)")
 
-    def trend(key, law, name):
-        if law is None:
-            return f"{name}: not measured (fewer than 2 budgets with a minimum inside the swept μ_rec)"
-        lo, hi = ci[key]["ci95"] or (None, None)
-        what = ("grows with C" if lo is not None and lo > 0 else "shrinks with C" if hi is not None and hi < 0
-                else "not established (the 95 % interval includes 0)")
-        interval = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
-        return f"{name} {what}: exponent {law['exponent']:.2f}{interval} over {law['n']} budgets"
-    mu, D = trend("a", laws["mu_star"], "μ*"), trend("b", laws["D_star"], "D*")
-    tandem = "grows" in mu and "grows" in D
-    out = {"mu_star": mu, "D_star": D, "tandem": tandem,
-           "test_time_fits": f"{tt['passing']} of {tt['checkpoints']} checkpoints reach R² ≥ {TEST_TIME_R2}"
-                             + (f" (lowest {tt['min_r2']:.3f})" if tt["min_r2"] is not None else "")}
+
+def verdict(results):
+    """Plain-language answers to the issue's questions: looping and data in tandem? saturating test-time curves?"""
+    laws, ci, tt = results["laws"], results["bootstrap"], results["test_time"]
+    out = {}
+    for name, key, law in (("mu_star", "a", laws["mu_star"]), ("D_star", "b", laws["D_star"])):
+        out[name] = trend(ci[key]["ci95"] if law else None)
+        out[name + "_text"] = (f"exponent {law['exponent']:.2f}, 95 % interval [{ci[key]['ci95'][0]:.2f}, "
+                               f"{ci[key]['ci95'][1]:.2f}], over {law['n']} budgets" if law and ci[key]["ci95"] else
+                               "fewer than 2 budgets have their minimum inside the swept μ_rec")
+    out["tandem"] = out["mu_star"] == out["D_star"] == "grows with C"
+    out["test_time_fits"] = (f"{tt['passing']} of {tt['checkpoints']} checkpoints reach R² ≥ {TEST_TIME_R2}"
+                             + (f" (lowest {tt['min_r2']:.3f})" if tt["min_r2"] is not None else ""))
     z, L = tt["z_law"], tt["L_inf_law"]
     parts = [f"z = {z['prefactor']:.2f}·μ_rec^{z['exponent']:.2f} (R² {z['r2']:.2f})" if z else "z: too few μ_rec",
              f"L∞ = {L['E']:.3f} + A·C^(−{L['alpha']:.3f}) (R² {L['r2']:.2f})" if L else "L∞: too few budgets"]
@@ -443,8 +448,9 @@ def markdown(results):
              f"validation tokens, sha256 {d['train_sha256'][:12]}… and {d['val_sha256'][:12]}…. Made on "
              f"{env['device']} (torch {env['torch']}, commit {env['commit']}) by `{results['command']}`.", "",
              "**Verdict.**",
-             f"- Looping and data in tandem: **{'yes' if v['tandem'] else 'not shown'}**. {v['mu_star']}; {v['D_star']} "
-             f"(paper: {PAPER['a']} and {PAPER['b']}).",
+             f"- Looping and data in tandem: **{'yes' if v['tandem'] else 'not shown'}**. μ* {v['mu_star']} "
+             f"({v['mu_star_text']}); D* {v['D_star']} ({v['D_star_text']}). Paper: μ* ∝ C^{PAPER['a']}, "
+             f"D* ∝ C^{PAPER['b']}.",
              f"- Test-time curves: {v['test_time_fits']}.",
              f"- One test-time law: {v['law']}.", "",
              "Validation loss at T = μ_rec (training tokens in brackets); μ*, D*, L* from the parabola in ln μ_rec.", "",
@@ -465,9 +471,10 @@ def markdown(results):
     for name, law, key, field in (("μ* = k·C^a", laws["mu_star"], "a", "exponent"),
                                   ("D* = k·C^b", laws["D_star"], "b", "exponent"),
                                   ("L* = E + A·C^(−α)", laws["L_star"], "alpha", "alpha")):
-        interval = ci[key]["ci95"]
+        interval, used = ci[key]["ci95"], ci[key]["used"]
         lines.append(f"| {name} | {fmt(law and law[field], '.3f')} | "
                      + (f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "–")
+                     + (f" ({used} resamples with a fit)" if interval and used < ci["resamples"] else "")
                      + f" | {fmt(law and law['r2'])} | {law['n'] if law else 0} | {PAPER.get(key, '–')} |")
     if laws["L_star"]:
         lines.append(f"\nL* law: E = {laws['L_star']['E']:.4f}, A = {laws['L_star']['A']:.4g}.")

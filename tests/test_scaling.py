@@ -257,8 +257,10 @@ def test_prepare_drops_duplicate_files_and_reads_only_the_suffixes_asked(tmp_pat
     (root / "pkg" / "stub.pyi").write_text("def f() -> int: ...\n")
     (root / "pkg" / "README.txt").write_text("not Python\n")
     (root / "pkg" / "mod.cpython-311.so").write_bytes(b"\x7fELF\0\0")
+    (root / "pkg" / "gone.py").symlink_to(root / "pkg" / "deleted.py")      # a broken link is skipped
     folder = prepare.prepare(inputs=[str(root)], tokenizer="char", out_dir=tmp_path / "data", suffixes=[".py"])
-    assert "dropped 1 file(s) whose content an earlier file has" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dropped 1 file(s) whose content an earlier file has" in out and "skipped 1 unreadable" in out
     meta = json.loads((tmp_path / "data" / "text-char" / "meta.json").read_text())
     _, decode = prepare.load_tokenizer(meta)
     ids = np.concatenate([np.fromfile(os.path.join(folder, f"{s}.bin"), dtype=np.uint16) for s in ("val", "train")])
