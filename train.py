@@ -153,6 +153,63 @@ def parse_settings(argv):
 
 
 # -----------------------------------------------------------------------------
+# the optimizers (PARCAE.md section 5)
+
+
+def configure_optimizers(model, lr, weight_decay, device_type):
+    """Muon for the blocks' 2-D matrices, AdamW for everything else (embeddings, head,
+    value embeddings, norms, the injection's A_log / dt_bias / B / W, and C)."""
+    matrices = {id(m.weight) for b in model.blocks() for m in b.modules() if isinstance(m, torch.nn.Linear)}
+    muon_params = [p for p in model.parameters() if id(p) in matrices]
+    adam_params = [p for p in model.parameters() if id(p) not in matrices]
+    muon = Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95)
+    adamw = torch.optim.AdamW(adam_params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+                              fused=(device_type == "cuda"))
+    return [muon, adamw]
+
+
+class Muon(torch.optim.Optimizer):
+    """
+    Muon for the blocks' matrices: Nesterov momentum, then the update is orthogonalised (singular values
+    pushed to about 1) by Newton–Schulz, its lr scaled by sqrt(max(1, rows/cols)), with decoupled weight
+    decay. torch.optim.Muon's step (up to bf16 rounding), but matrices of one shape go through Newton–Schulz
+    together: one at a time, the 350m models' 78 matrices took 30 ms of a 264 ms H200 step, ~20 kernels each.
+    """
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @staticmethod
+    def orthogonalize(G, steps):
+        """X ← aX + (bA + cA²)X with A = XXᵀ, from X = G/‖G‖, for G (n, rows, cols), in bf16. These
+        coefficients (Keller Jordan's) trade exactness for speed: 5 steps leave the singular values
+        roughly in [0.7, 1.2] rather than at 1 (the very smallest stay lower); that trains as well."""
+        a, b, c = 3.4445, -4.7750, 2.0315
+        tall = G.size(-2) > G.size(-1)
+        X = G.bfloat16().mT if tall else G.bfloat16()     # wide, so that A is the smaller square
+        X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)     # spectral norm ≤ Frobenius = 1
+        for _ in range(steps):
+            A = X @ X.mT
+            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+        return X.mT if tall else X
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, beta, by_shape = group["lr"], group["momentum"], {}
+            for p in (p for p in group["params"] if p.grad is not None):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - beta)                                         # β·buf + (1-β)·g
+                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, beta)))  # Nesterov
+            for (rows, cols), pairs in by_shape.items():
+                updates = self.orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
+                for (p, _), u in zip(pairs, updates):
+                    p.mul_(1 - lr * group["weight_decay"]).add_(u, alpha=-lr * max(1, rows / cols) ** 0.5)
+
+
+# -----------------------------------------------------------------------------
 # data, schedules, evaluation, checkpoints
 
 
@@ -348,7 +405,7 @@ def train(cfg, rank, world, device):
             raise SystemExit(f"cannot resume from {ckpt_path}: the model settings differ: {'; '.join(differ)}")
     torch.manual_seed(cfg.seed)     # the same initial weights on every rank
     model = raw_model = GPT(config).to(device)
-    optimizers = raw_model.configure_optimizers(cfg.lr, cfg.weight_decay, device.type)
+    optimizers = configure_optimizers(raw_model, cfg.lr, cfg.weight_decay, device.type)
     muon = optimizers[0]
     start_step, train_time, last_val, saved_step = 0, 0.0, None, None
     if ckpt:
