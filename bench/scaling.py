@@ -44,9 +44,10 @@ Fits, numpy only.
   bootstrap   95 % intervals of a, b and α: --bootstrap resamples (seed 0) of the runs within each
               budget, with replacement, a budget redrawn until it has ≥ 3 distinct μ_rec; percentiles.
   test time   L(T) = L∞ + Z·exp(−z·T) per checkpoint (loops.fit_exponential), then whether one law
-              describes them all: z = k·μ_rec^(−β) (log-log) and L∞ = E + A·C^(−α), each with its R²
-              and the share of the spread that μ_rec alone or C alone explains. It holds here if both
-              R² reach 0.9 (our bar); z pinned at the scan's ends or a rising curve (Z ≤ 0) is left out.
+              describes them all: z = k·μ_rec^(−β) (log-log) and L∞ = E + A·C^(−α) (pooled over μ_rec),
+              each with its R² and the share of the spread that μ_rec alone or C alone explains. It
+              holds here if both R² reach 0.9 (our bar); z pinned at an end of the scan, or a curve that
+              rises (Z ≤ 0), is left out.
 
 Runs resume one by one (common.run_all): a run that ended with the same settings is not trained again,
 so the sweep can span several calls, and --part K/N trains the K-th of N parts of about equal FLOPs.
@@ -123,7 +124,8 @@ def main(argv=None):
         if todo:
             work, seconds = sum(r["flops"] + r["eval_flops"] for r in todo), time.time() - t0
             print(f"trained {len(todo)} runs, {work:.3g} FLOPs with evaluation, in {seconds:.0f} s: "
-                  f"{work / seconds:.3g} FLOP/s over all runs, start-ups included (the preset assumes {scaling['flops_per_sec']:.3g})")
+                  f"{work / seconds:.3g} FLOP/s over all runs, start-ups included "
+                  f"(the preset assumes {scaling['flops_per_sec']:.3g})")
     results = collect(args, runs, argv)
     common.write_json(os.path.join(args.results_dir, "scaling.json"), results)
     with open(os.path.join(args.results_dir, "scaling.md"), "w") as f:
@@ -257,7 +259,8 @@ def collect(args, runs, argv):
     for C in args.budgets:
         gpt = next((r["val_loss"] for r in out["runs"] if r["model"] == "gpt" and r["budget"] == C), None)
         enough = len({mu for mu, _ in points[C]}) >= 3
-        out["isoflop"].append({"budget": C, "gpt_loss": gpt, "fit": fit_budget(C, points[C], flops_at) if enough else None})
+        out["isoflop"].append({"budget": C, "gpt_loss": gpt,
+                               "fit": fit_budget(C, points[C], flops_at) if enough else None})
     fits = [b["fit"] for b in out["isoflop"] if b["fit"]]
     out["laws"] = fit_laws(fits)
     out["bootstrap"] = bootstrap({f["budget"]: points[f["budget"]] for f in fits}, flops_at, args.bootstrap)
@@ -326,7 +329,7 @@ def fit_power_law(x, y):
 
 
 def fit_saturating(C, L):
-    """L = E + A·C^(−α): loops.fit_exponential on ln(C / C_min), since C^(−α) = C_min^(−α)·exp(−α ln(C/C_min))."""
+    """L = E + A·C^(−α): loops.fit_exponential on ln(C / C_min), as C^(−α) = C_min^(−α)·exp(−α·ln(C / C_min))."""
     C0 = min(C)
     f = loops.fit_exponential(np.log(np.divide(C, C0)), L)
     return {"E": f["L_inf"], "A": f["Z"] * C0 ** f["z"], "alpha": f["z"], "r2": f["r2"], "n": len(C),
@@ -366,7 +369,8 @@ def bootstrap(points, flops_at, resamples, seed=0):
                     break
             fits.append(fit_budget(C, pick, flops_at))
         laws = fit_laws(fits)
-        for key, law, field in (("a", "mu_star", "exponent"), ("b", "D_star", "exponent"), ("alpha", "L_star", "alpha")):
+        for key, law, field in (("a", "mu_star", "exponent"), ("b", "D_star", "exponent"),
+                                ("alpha", "L_star", "alpha")):
             if laws[law]:
                 draws[key].append(laws[law][field])
     return {"resamples": resamples, "seed": seed, **{key: {
@@ -453,7 +457,8 @@ def markdown(results):
              f"D* ∝ C^{PAPER['b']}.",
              f"- Test-time curves: {v['test_time_fits']}.",
              f"- One test-time law: {v['law']}.", "",
-             "Validation loss at T = μ_rec (training tokens in brackets); μ*, D*, L* from the parabola in ln μ_rec.", "",
+             "Validation loss at T = μ_rec (training tokens in brackets); μ*, D*, L* from the parabola in "
+             "ln μ_rec.", "",
              "| C | Transformer | " + " | ".join(f"μ={m}" for m in mus) + " | μ* | D* | L* |",
              "|---|---|" + "---|" * len(mus) + "---|---|---|"]
     for b in results["isoflop"]:
@@ -480,7 +485,8 @@ def markdown(results):
         lines.append(f"\nL* law: E = {laws['L_star']['E']:.4f}, A = {laws['L_star']['A']:.4g}.")
     tt = results["test_time"]
     lines += ["", "Test time: L(T) = L∞ + Z·exp(−z·T) per checkpoint (least squares over the finite T).", "",
-              "| C | μ_rec | L(1) | L(μ_rec) | L(T max) | L∞ | Z | z | R² |", "|---|---|---|---|---|---|---|---|---|"]
+              "| C | μ_rec | L(1) | L(μ_rec) | L(T max) | L∞ | Z | z | R² |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         f = r["test_time_fit"]
         if f:
@@ -541,7 +547,8 @@ def plot_laws(results, path):
         if law:
             interval = ci[ci_key]["ci95"]
             ax.plot(C_line, law["prefactor"] * C_line ** law["exponent"], "-", color="C0", lw=1,
-                    label=f"∝ C^{law['exponent']:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""))
+                    label=f"∝ C^{law['exponent']:.2f}"
+                    + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_ylabel(label)
