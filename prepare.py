@@ -5,6 +5,8 @@ Turn a text corpus into the token files that train.py reads.
     python prepare.py --source shakespeare              # gpt2 tokenizer -> data/shakespeare
     python prepare.py --source fineweb-edu --num_shards 2
     python prepare.py --input notes/ book.txt --tokenizer char
+    python prepare.py --input $(python -c "import site; print(site.getsitepackages()[0])") \
+        --suffix .py --tokenizer char --name sitepkg      # the Python sources of the installed packages
     python prepare.py --source fineweb-edu --tokenizer SandyResearch/parcae-tokenizer
 
 It writes data/<name>/train.bin and val.bin (flat uint16 token ids, one
@@ -38,12 +40,15 @@ Sources and how each is split into train/val:
                first 1% of the first shard's documents, so it stays the same
                whatever --num_shards is.
   --input      local text files or folders (searched recursively, sorted, hidden
-               names skipped; binary or non-UTF-8 files are skipped and counted).
+               names skipped; binary or non-UTF-8 files are skipped and counted;
+               in folders, --suffix .py keeps only names that end so). A file
+               whose content was seen already (a vendored copy) is dropped.
                One file = one document, split like stdlib; a single document is
                split 90/10 like shakespeare.
 The default tokenizer is gpt2 for everything but stdlib; --tokenizer overrides it.
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -171,7 +176,7 @@ def shakespeare_docs(folder, url):
         return *split_90_10(f.read()), f"Tiny Shakespeare from {url}"
 
 
-def text_docs(inputs):
+def text_docs(inputs, suffixes=()):
     files = []
     for p in inputs:
         if os.path.isfile(p):
@@ -179,26 +184,40 @@ def text_docs(inputs):
         elif os.path.isdir(p):
             for root, dirs, names in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips .git and friends
-                files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if not n.startswith(".") and (not suffixes or n.endswith(tuple(suffixes)))]
         else:
             raise SystemExit(f"prepare.py: {p} is not a file or folder; check the --input path")
-    docs, skipped = [], 0
+    docs, skipped, seen, duplicates = [], 0, set(), 0
     for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
         try:
+            with open(path, "rb") as f:
+                data = f.read()
             if not data or b"\0" in data:  # a NUL byte: almost surely binary, even if it decodes
                 raise ValueError
-            docs.append(data.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError is a ValueError
+            text = data.decode("utf-8")
+        except (OSError, ValueError):  # unreadable (a broken link, say); UnicodeDecodeError is a ValueError
             skipped += 1
+            continue
+        # the same content twice (vendored copies of a package, say) would put a document in
+        # both train and val, and weigh it double: keep the first in path order
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if digest in seen:
+            duplicates += 1
+        else:
+            seen.add(digest)
+            docs.append(text)
     if skipped:
-        print(f"skipped {skipped} empty, binary or non-UTF-8 file(s)")
+        print(f"skipped {skipped} unreadable, empty, binary or non-UTF-8 file(s)")
+    if duplicates:
+        print(f"dropped {duplicates} file(s) whose content an earlier file has")
     if not docs:
-        raise SystemExit(f"prepare.py: no text files in {' '.join(inputs)} ({skipped} skipped as empty, "
+        raise SystemExit(f"prepare.py: no text files in {' '.join(inputs)} ({skipped} skipped as unreadable, empty, "
                          "binary or non-UTF-8); pass UTF-8 text files or folders that contain some")
     split = split_90_10(docs[0]) if len(docs) == 1 else split_every_10th(docs)
-    return *split, f"{len(docs)} local text file(s) from {', '.join(inputs)}"
+    kept = f" named *{' *'.join(suffixes)} in folders" if suffixes else ""
+    return *split, (f"{len(docs)} local text file(s){kept} from {', '.join(inputs)} "
+                    f"({duplicates} duplicate(s) dropped)")
 
 
 # -----------------------------------------------------------------------------
@@ -215,9 +234,7 @@ def _encode_batch(job):
     """Pool worker: (tokenizer, a batch of documents) -> one uint16 array of the framed documents."""
     tokenizer, texts = job
     enc, stats = get_encoding(tokenizer)  # cached, so this is cheap after the first call in each worker
-    # ordinary: a special token's text inside a document (a literal "<|endoftext|>") stays text
-    ids = framed(stats, enc.encode_ordinary_batch(texts))
-    return len(texts), np.array([i for d in ids for i in d], dtype=np.uint16)
+    return len(texts), next(bpe_token_chunks(texts, enc, stats, batch=max(1, len(texts))))
 
 
 def tokenize_parquet(src, dst, num_proc, tokenizer):
@@ -300,33 +317,76 @@ def atomic_write(path, fill):
     os.replace(tmp, path)
 
 
+def char_vocabulary(docs):
+    """Every character that occurs in docs, sorted by code point, as one string (a character's id is its position)."""
+    counts = np.zeros(0x110000, dtype=np.int64)     # one counter per Unicode code point
+    for codes, _ in code_point_chunks(docs):
+        counts += np.bincount(codes, minlength=counts.size)
+    return "".join(map(chr, np.flatnonzero(counts)))
+
+
+def code_point_chunks(docs, batch=1024):
+    """(the code points of a batch of documents as one array, their lengths), a batch at a time. numpy reads
+    the code points from the UTF-32 bytes: a Python loop over a few hundred million characters takes minutes."""
+    for i in range(0, len(docs), batch):
+        text = "".join(docs[i:i + batch]).encode("utf-32-le", errors="surrogatepass")
+        yield np.frombuffer(text, dtype="<u4"), [len(d) for d in docs[i:i + batch]]
+
+
+def char_token_chunks(docs, chars, eot, batch=1024):
+    """uint16 ids of docs (each character's position in chars), an EOT after each document: the ids
+    char_encoder gives, but by a lookup table indexed by code point."""
+    table = np.zeros(0x110000, dtype=np.uint16)
+    table[[ord(c) for c in chars]] = np.arange(len(chars))
+    for codes, lengths in code_point_chunks(docs, batch):
+        yield np.insert(table[codes], np.cumsum(lengths), eot)
+
+
+def bpe_token_chunks(docs, enc, stats, batch=1024):
+    """uint16 ids of docs by a tiktoken Encoding, each document framed as its tokenizer's data are."""
+    for i in range(0, len(docs), batch):   # a batch at a time: the ids of all docs as Python ints would be huge
+        # ordinary: a special token's text inside a document (a literal "<|endoftext|>") stays text
+        yield np.array([t for d in framed(stats, enc.encode_ordinary_batch(docs[i:i + batch])) for t in d],
+                       dtype=np.uint16)
+
+
+def write_tokens(path, chunks):
+    """Write the uint16 arrays one after another, atomically; return the number of tokens."""
+    def fill(f):
+        for ids in chunks:
+            ids.tofile(f)
+    atomic_write(path, fill)
+    return os.path.getsize(path) // 2
+
+
 def write_docs(folder, train_docs, val_docs, tokenizer):
     """Tokenize documents held in memory into train.bin/val.bin; return meta.json's numbers."""
     if tokenizer == "char":
-        chars = "".join(sorted(set().union(*train_docs, *val_docs)))
+        chars = char_vocabulary(train_docs + val_docs)
         stats = dict(vocab_size=len(chars) + 1, eot_token=len(chars))
-        encode_all = lambda docs: list(map(char_encoder(chars), docs))
+        encode_all = lambda docs: char_token_chunks(docs, chars, stats["eot_token"])
     else:
         enc, stats = get_encoding(tokenizer)
-        encode_all = enc.encode_ordinary_batch  # ordinary: a literal "<|endoftext|>" in the text stays text
+        encode_all = lambda docs: bpe_token_chunks(docs, enc, stats)
     if stats["vocab_size"] > 1 << 16:
         raise SystemExit(f"prepare.py: a vocabulary of {stats['vocab_size']} does not fit the uint16 token "
                          "files (at most 65536); use --tokenizer gpt2, or text with fewer distinct characters")
     os.makedirs(folder, exist_ok=True)
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = [i for d in framed(stats, encode_all(docs)) for i in d]
-        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
-        stats.update({f"{split}_tokens": len(ids), f"{split}_docs": len(docs)})
+        n = write_tokens(os.path.join(folder, f"{split}.bin"), encode_all(docs))
+        stats.update({f"{split}_tokens": n, f"{split}_docs": len(docs)})
     if tokenizer == "char":
         stats["chars"] = chars  # last, as it is by far the longest field
     return stats
 
 
 def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
-            url=None, num_shards=1, num_proc=None):
+            url=None, num_shards=1, num_proc=None, suffixes=()):
     """Prepare one corpus (see the module docstring) and return the folder it was written to."""
     if source and inputs:
         raise SystemExit("prepare.py: give either --source or --input, not both")
+    if suffixes and not inputs:
+        raise SystemExit("prepare.py: --suffix filters the files of --input folders; give --input too")
     source = "text" if inputs else (source or "stdlib")
     if source not in SOURCES + ("text",):
         raise SystemExit(f"prepare.py: unknown source {source!r}; "
@@ -356,7 +416,7 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
         elif source == "shakespeare":
             train_docs, val_docs, desc = shakespeare_docs(folder, url or SHAKESPEARE_URL)
         else:
-            train_docs, val_docs, desc = text_docs(inputs)
+            train_docs, val_docs, desc = text_docs(inputs, suffixes)
         stats = write_docs(folder, train_docs, val_docs, tokenizer)
     meta = {"tokenizer": tokenizer, "source": desc, **stats}
     # meta.json goes last: it is what says the folder is complete
@@ -370,6 +430,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help=f"one of {', '.join(SOURCES)} (default: stdlib)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="local text files or folders instead of a source")
+    p.add_argument("--suffix", nargs="+", action="extend", default=[], metavar="SUFFIX",
+                   help="--input folders: read only the files whose names end so, e.g. --suffix .py .pyi")
     p.add_argument("--tokenizer", help="char | gpt2 | a pretrained model's: a Hugging Face repo such as "
                    "SandyResearch/parcae-tokenizer, or a folder with a tokenizer.json (default: char for stdlib, "
                    "gpt2 otherwise)")
@@ -379,7 +441,7 @@ def main(argv=None):
     p.add_argument("--num_shards", type=int, default=1, help="fineweb-edu: how many parquet shards")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="fineweb-edu: tokenizer processes")
     a = p.parse_args(argv)
-    prepare(a.source, a.input, a.tokenizer, a.name, a.out_dir, a.url, a.num_shards, a.num_proc)
+    prepare(a.source, a.input, a.tokenizer, a.name, a.out_dir, a.url, a.num_shards, a.num_proc, a.suffix)
 
 
 if __name__ == "__main__":

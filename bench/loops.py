@@ -154,6 +154,9 @@ def evaluate(model, data_dir, settings, loops, batches, device):
     return {int(T): L for T, L in losses.items()}
 
 
+Z_RANGE = (1e-3, 5.0)     # the decay rates z that fit_exponential scans
+
+
 def fit_exponential(T, L):
     """
     Least-squares fit of L(T) = L∞ + Z·exp(−z·T), numpy only. Returns L_inf, Z, z, r2, sse.
@@ -167,7 +170,7 @@ def fit_exponential(T, L):
         coef = np.linalg.lstsq(X, L, rcond=None)[0]
         return float(((X @ coef - L) ** 2).sum()), coef
 
-    grid = np.logspace(-3, math.log10(5), 400)
+    grid = np.logspace(*np.log10(Z_RANGE), 400)
     for _ in range(4):
         i = int(np.argmin([solve(z)[0] for z in grid]))
         best = grid[i]
