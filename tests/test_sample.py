@@ -100,11 +100,13 @@ def test_top_k_0_samples_among_all_tokens_and_top_k_1_is_greedy():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a GPU")
 def test_decoding_replayed_as_a_cuda_graph_matches_eager_decoding():
+    """In fp32: cuBLAS may pick other kernels inside a graph capture, which round differently. In bf16
+    that flipped a near-tie of this random model's greedy choice (seen on an H200); in fp32 such a
+    difference is ~1e-6 of the logits, far below the gaps between them."""
     model = tiny(init_state="zero", block_size=16).cuda().eval()
     prompt = tokens(B=2, L=5)[:, :-1].cuda()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        graphed = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=True)
-        eager = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=False)
+    graphed = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=True)
+    eager = generate(model, prompt, 20, loops=3, top_k=1, cuda_graph=False)
     assert torch.equal(graphed, eager)
 
 
