@@ -189,6 +189,29 @@ def test_missing_data_says_how_to_make_it(tiny_args, tmp_path):
         train.main(tiny_args(data_dir=str(tmp_path / "nowhere")))
 
 
+@pytest.mark.parametrize("cut, message", [(1, "val.bin is 3,601 bytes, not a whole number of 2-byte tokens: "
+                                                "it is truncated; copy it again, or remake the data"),
+                                          (None, "val.bin holds 0 tokens; training needs more than block_size=32")],
+                         ids=["half a token short", "empty"])
+def test_a_truncated_token_file_is_named_before_anything_starts(tiny_args, tiny_data, tmp_path, cut, message):
+    data = (tiny_data / "val.bin").read_bytes()
+    (tiny_data / "val.bin").write_bytes(data[:-cut] if cut else b"")
+    with pytest.raises(SystemExit, match=message):
+        train.main(tiny_args())
+    assert not (tmp_path / "out").exists()
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_the_first_forward(tiny_args, tiny_data, tmp_path):
+    """A meta.json from another tokenizer: the data's largest id (the end-of-text token, 28, last in the
+    file) does not fit a vocabulary of 28."""
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    (tiny_data / "meta.json").write_text(json.dumps({**meta, "vocab_size": meta["eot_token"]}))
+    with pytest.raises(SystemExit, match="train.bin holds token id 28, but its meta.json says vocab_size=28: the "
+                                         "data and meta.json come from different tokenizers"):
+        train.main(tiny_args())
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path, monkeypatch):
     nan_from_13 = lambda step, loss: loss * float("nan") if step >= 13 else loss
     monkeypatch.setattr(train, "GPT", with_training_forward(nan_from_13))
