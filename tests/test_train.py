@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from conftest import ROOT, reordering_bound
 from model import GPT
 
 
@@ -78,9 +78,9 @@ def test_trapezoid_is_constant_then_falls_linearly_to_zero_and_cosine_ends_at_mi
     cfg = SimpleNamespace(lr=1.0, max_iters=100, warmup_iters=0, schedule="trapezoid", cooldown_frac=0.5, min_lr=0.1)
     assert [train.lr_at(s, cfg) for s in (0, 49, 50, 75, 99)] == [1.0, 1.0, 1.0, 0.5, 0.02]
     cfg.warmup_iters = 10
-    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == 1.0
+    assert train.lr_at(0, cfg) == 0.1 and train.lr_at(9, cfg) == 1.0     # 1/10, rounded once: the float 0.1
     cfg.schedule = "cosine"
-    assert train.lr_at(10, cfg) == 1.0 and train.lr_at(100, cfg) == pytest.approx(0.1)
+    assert train.lr_at(10, cfg) == 1.0 and train.lr_at(100, cfg) == 0.1   # cos(π) rounds to -1 exactly
 
 
 # -----------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_mfu_needs_a_known_gpu_and_peak_rates_match_whole_names(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert train.peak_flops("cuda") == peak
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert train.estimate_mfu(model, 1e6, "cuda") == pytest.approx(model.flops_per_token() * 1e6 / 989e12)
+    assert train.estimate_mfu(model, 1e6, "cuda") == model.flops_per_token() * 1e6 / 989e12
 
 
 def test_the_compiled_model_computes_the_same_loss_and_gradients():
@@ -114,9 +114,13 @@ def test_the_compiled_model_computes_the_same_loss_and_gradients():
         losses.append(loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters()})
     torch._dynamo.reset()
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    # The compiled kernels fuse operations and add the same ≤ 128 terms (channels, logits) in other
+    # orders. The depths drawn are 7, 5, 4, 3: the forward is 16 block applications and the head, the
+    # backward ~10 more (2 loops of 2 core blocks, the coda, the head, the prelude).
+    torch.testing.assert_close(losses[1], losses[0], rtol=reordering_bound(n=128, layers=17), atol=0)
     for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+        bound = reordering_bound(n=128, layers=27) * g.abs().max().item()
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=bound, msg=name)
 
 
 @pytest.mark.parametrize("injection", ["parcae", "none"])
@@ -124,7 +128,7 @@ def test_a_30_step_run_learns_the_pattern(tiny_args, tmp_path, injection):
     final = train.main(tiny_args(injection=injection))
     losses = train_losses(tmp_path / "out")
     assert sorted(losses) == list(range(30))
-    assert losses[29] < 0.5 * losses[0]
+    assert losses[29] < 0.5 * losses[0]     # it falls to about 2 % of it: far beyond what rounding could move
     evals = [r for r in metrics(tmp_path / "out") if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 10, 20, 30]
     assert list(final) == (["1", "2"] if injection == "parcae" else ["1"])     # the Transformer runs once
