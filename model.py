@@ -12,7 +12,7 @@ builds the baselines: the plain Transformer (injection "none"), the naive looped
 (h + e) and the Huginn-style adapter (W [h; e]). The spec is PARCAE.md; its "official" is the
 authors' release, and this file computes as the release does. Also here: RMSNorm,
 interleaved RoPE, QK-norm, ReLU² MLP, value embeddings, zero-init out-projections, per-sequence
-depths with truncated backprop through depth, Muon, and a KV cache that spans the loops.
+depths with truncated backprop through depth, and per-token adaptive exit at inference.
 """
 
 import math
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 # building blocks
 
 class RMSNorm(nn.Module):
-    """Learnable RMSNorm, always computed in fp32 (bf16 sums of squares are too coarse)."""
+    """Learnable RMSNorm, computed in the weight's fp32 even for bf16 input (bf16 sums of squares are too coarse)."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -34,19 +34,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
+        x_hi = x.to(torch.promote_types(x.dtype, self.weight.dtype))      # bf16 -> fp32; fp32, fp64 stay
+        return F.rms_norm(x_hi, (x.size(-1),), self.weight, self.eps).type_as(x)
 
 
 def rotary_tables(head_dim, max_len, base=50_000.0):
-    """cos and sin of the angle position * base^(-2i/head_dim), shape (max_len, head_dim/2), fp32."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    """cos and sin of position / base^(2i/head_dim), (max_len, head_dim/2), fp32, rounded as the release rounds."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)     # not base^(-2i/d)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x, cos, sin):
     """Rotate the interleaved pairs of channels (2i, 2i+1) of x (B, L, H, D) by their angle."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)      # even and odd channels
+    x1, x2 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)   # even and odd channels, in fp32
     cos, sin = cos[:, None, :], sin[:, None, :]                 # broadcast over the heads
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
@@ -81,7 +82,10 @@ class CausalSelfAttention(nn.Module):
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:       # generation: store the new keys and values in this layer's cache slot, attend to it all
-            k_cache, v_cache, positions, mask = kv
+            k_cache, v_cache, positions, mask, exited = kv
+            if exited is not None:      # a token that has left the loop keeps the keys and values it has
+                k = torch.where(exited, k_cache[:, :, positions], k)
+                v = torch.where(exited, v_cache[:, :, positions], v)
             k_cache.index_copy_(2, positions, k.to(k_cache.dtype))     # k may be fp32: rms_norm's output
             v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
             y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
@@ -294,9 +298,11 @@ class GPT(nn.Module):
         # then the sequences still running at any step are a prefix of the batch.
         return T.sort(descending=True).values.expand(batch_size)
 
-    def forward(self, idx, targets=None, loops=None, depths=None, cache=None):
+    def forward(self, idx, targets=None, loops=None, depths=None, cache=None, exit_threshold=None):
         """idx, targets: (B, L) token ids; returns (logits, loss or None). Depth: `depths` (B,) if given,
-        else `loops` for every sequence, else sampled (training) or mean_loops (evaluation)."""
+        else `loops` for every sequence, else sampled (training) or mean_loops (evaluation). With an
+        exit_threshold (and a cache, sample.KVCache), each token loops until its state converges, at
+        most `loops` times (recur_adaptive)."""
         c = self.config
         B, L = idx.shape
         if cache is None and L > c.block_size:
@@ -307,7 +313,12 @@ class GPT(nn.Module):
         x = self.wte(idx)
         for block in self.prelude:      # with a cache, each layer application gets its own slot of it
             x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
-        if c.looped:
+        if c.looped and exit_threshold is not None:
+            if cache is None:
+                raise ValueError("per-token exit needs a KV cache: exited tokens keep their keys and values there")
+            h = self.recur_adaptive(self.prelude_norm(x), idx, loops or c.mean_loops, exit_threshold, cos, sin, cache)
+            x = self.C(h).type_as(x)
+        elif c.looped:
             if depths is None and loops is None and self.training:
                 depths = self.sample_depths(B)
             elif depths is None:
@@ -368,6 +379,31 @@ class GPT(nn.Module):
         self.last_state = {"norms": norms, "residual": residual}
         return h[torch.argsort(order)] if permuted else h
 
+    @torch.no_grad()
+    def recur_adaptive(self, e, idx, loops, threshold, cos, sin, cache):
+        """Inference with per-token exit: token i stops once its state stops moving,
+        ‖h_t - h_(t-1)‖ / ‖h_t‖ < threshold, or after `loops` iterations. Its state then stays as it
+        is, and so do its keys and values: in every later core slot it holds those of its last
+        iteration (KVCache.next_slot copies them forward), so a token that loops further attends to
+        it as it was when it stopped. Every row is computed until all have exited; at decoding batch
+        sizes the matmuls cost the time of reading the weights, so dropping rows would save nothing."""
+        h = self.initial_state(e)
+        exited = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)    # (B, L)
+        used = torch.zeros(h.shape[:2], device=h.device)                         # iterations per token
+        for step in range(loops):
+            u = self.injection(h, e)
+            for block in self.core:     # (before the first iteration no token has exited)
+                u = block(u, idx, cos, sin, cache.next_slot(exited if step else None))
+            change = (u - h).float().norm(dim=-1) / u.float().norm(dim=-1)
+            h = torch.where(exited[..., None], h, u)
+            used += ~exited
+            exited |= change < threshold
+            if exited.all():            # a host sync each iteration: no CUDA graph can hold this loop
+                cache.skip(loops - step - 1)
+                break
+        self.last_state = {"loops_per_token": used}
+        return h
+
     def initial_state(self, e):
         if self.config.init_state == "zero":
             return torch.zeros_like(e)
@@ -379,36 +415,12 @@ class GPT(nn.Module):
         """‖h‖ after each step of the last forward's loop (mean per-token L2 norm over the sequences
         running at that step), its last value ‖h_T‖, the last-step residual ‖h_T - h_(T-1)‖ / ‖h_T‖,
         and max / mean of Ā (for "linear": W_x's top singular value; "add": 1). {} without a loop."""
-        if not self.config.looped or not self.last_state:
+        if not self.config.looped or "norms" not in self.last_state:
             return {}
         norms = [n.item() for n in self.last_state["norms"]]
         stats = {"state_norm": norms[-1], "state_norms": norms, "residual": self.last_state["residual"].item()}
         stats.update({k: v.item() for k, v in self.injection.transition_stats().items()})
         return stats
-
-    def new_cache(self, batch_size, loops=None, dtype=None):
-        """An empty KV cache for generating batch_size sequences at `loops` iterations (default mean_loops),
-        on the model's device; dtype: its keys' and values' (default: bf16 under autocast, else the weights')."""
-        c, device = self.config, self.wte.weight.device
-        if dtype is None:
-            autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
-        n_slots = c.n_prelude + ((loops or c.mean_loops) if c.looped else 1) * c.n_core + c.n_coda
-        return KVCache(n_slots, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, dtype, device)
-
-    # -------------------------------------------------------------------------
-    # training helpers
-
-    def configure_optimizers(self, lr, weight_decay, device_type):
-        """Muon for the blocks' 2-D matrices, AdamW for everything else (embeddings, head,
-        value embeddings, norms, the injection's A_log / dt_bias / B / W, and C)."""
-        matrices = {id(m.weight) for b in self.blocks() for m in b.modules() if isinstance(m, nn.Linear)}
-        muon_params = [p for p in self.parameters() if id(p) in matrices]
-        adam_params = [p for p in self.parameters() if id(p) not in matrices]
-        muon = Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95)
-        adamw = torch.optim.AdamW(adam_params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
-                                  fused=(device_type == "cuda"))
-        return [muon, adamw]
 
     def flops_per_token(self, seq_len=None, loops=None):
         """Training FLOPs per token (matmuls only): the forward runs the core `loops` times (default
@@ -428,88 +440,3 @@ class GPT(nn.Module):
         once = (c.n_prelude + c.n_coda) * per_block + 2 * c.n_embd ** 2 + head    # prelude, coda, C, head
         loop = c.n_core * per_block + inj
         return (once + T * loop) + 2 * (once + min(c.backprop_loops, T) * loop)
-
-
-class Muon(torch.optim.Optimizer):
-    """
-    Muon for the blocks' matrices: Nesterov momentum, then the update is orthogonalised (singular values
-    pushed to about 1) by Newton–Schulz, its lr scaled by sqrt(max(1, rows/cols)), with decoupled weight
-    decay. torch.optim.Muon's step (up to bf16 rounding), but matrices of one shape go through Newton–Schulz
-    together: one at a time, the 350m models' 78 matrices took 30 ms of a 264 ms H200 step, ~20 kernels each.
-    """
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
-
-    @staticmethod
-    def orthogonalize(G, steps):
-        """X ← aX + (bA + cA²)X with A = XXᵀ, from X = G/‖G‖, for G (n, rows, cols), in bf16. These
-        coefficients (Keller Jordan's) trade exactness for speed: 5 steps leave the singular values
-        roughly in [0.7, 1.2] rather than at 1 (the very smallest stay lower); that trains as well."""
-        a, b, c = 3.4445, -4.7750, 2.0315
-        tall = G.size(-2) > G.size(-1)
-        X = G.bfloat16().mT if tall else G.bfloat16()     # wide, so that A is the smaller square
-        X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)     # spectral norm ≤ Frobenius = 1
-        for _ in range(steps):
-            A = X @ X.mT
-            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
-        return X.mT if tall else X
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, beta, by_shape = group["lr"], group["momentum"], {}
-            for p in (p for p in group["params"] if p.grad is not None):
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                buf = self.state[p]["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - beta)                                         # β·buf + (1-β)·g
-                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, beta)))  # Nesterov
-            for (rows, cols), pairs in by_shape.items():
-                updates = self.orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
-                for (p, _), u in zip(pairs, updates):
-                    p.mul_(1 - lr * group["weight_decay"]).add_(u, alpha=-lr * max(1, rows / cols) ** 0.5)
-
-
-class KVCache:
-    """Keys and values of every layer application (prelude layer i, core layer j at iteration r, coda
-    layer i), one slot each, handed out in the order the layers run: memory grows linearly with the
-    loops. Shapes never change, so a decoding step can be recorded once as a CUDA graph and replayed,
-    and a compiled block needs no Python state: each slot spans the window, a mask hides the positions
-    not written yet, and the next position lives on the device (`pos`, advanced in place); `length`
-    counts the same positions on the host. GPT.new_cache() makes one of the right size."""
-
-    def __init__(self, n_slots, batch_size, n_head, max_len, head_dim, dtype, device):
-        shape = (batch_size, n_head, max_len, head_dim)
-        # zeros, not garbage: a masked-out NaN would still poison the attention
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_slots)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_slots)]
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.max_len, self.length = max_len, 0
-        self.slot = self.positions = self.mask = None       # of the forward under way
-
-    def start(self, L):
-        """A forward of L new tokens begins: their positions, and which keys each of them may see."""
-        if self.length + L > self.max_len:
-            raise ValueError(f"the cache holds {self.length} of {self.max_len} positions, no room for {L} more")
-        device = self.pos.device
-        self.slot, self.positions = 0, self.pos + torch.arange(L, device=device)
-        self.mask = torch.arange(self.max_len, device=device) <= self.positions[:, None]     # (L, max_len)
-        self.pos += L
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            self.length += L        # (recording a CUDA graph runs nothing: its replays count themselves)
-        return self.positions
-
-    def next_slot(self):
-        """The next layer application's (k, v, positions, mask): its block writes the new keys and values
-        into k and v at `positions`, in place, then attends to all of k and v through `mask`."""
-        if self.slot == len(self.k):
-            raise ValueError(f"the cache has {len(self.k)} slots, one per layer application: more loops than "
-                             "it was made for (make a new one: GPT.new_cache(batch_size, loops))")
-        self.slot += 1
-        return self.k[self.slot - 1], self.v[self.slot - 1], self.positions, self.mask
-
-    def reset(self):
-        """Forget every position: the next forward starts the window again at position 0."""
-        self.pos.zero_()
-        self.length = 0

@@ -5,16 +5,26 @@ Turn a text corpus into the token files that train.py reads.
     python prepare.py --source shakespeare              # gpt2 tokenizer -> data/shakespeare
     python prepare.py --source fineweb-edu --num_shards 2
     python prepare.py --input notes/ book.txt --tokenizer char
+    python prepare.py --input $(python -c "import site; print(site.getsitepackages()[0])") \
+        --suffix .py --tokenizer char --name sitepkg      # the Python sources of the installed packages
+    python prepare.py --source fineweb-edu --tokenizer SandyResearch/parcae-tokenizer
 
 It writes data/<name>/train.bin and val.bin (flat uint16 token ids, one
 end-of-text token after each document) and data/<name>/meta.json, which says
-how to decode them: tokenizer ("char" or "gpt2"), vocab_size, eot_token,
-train_tokens, val_tokens, train_docs, val_docs, source (a description) and, for
-char, chars: the vocabulary as one string, where a character's id is its
-position and the end-of-text id is len(chars). load_tokenizer(meta) gives
-encode/decode for either. <name> defaults to the source name
-("text" for --input), with "-<tokenizer>" appended when the tokenizer is not
-that source's default, so different tokenizations never overwrite each other.
+how to decode them: tokenizer ("char", "gpt2", or a pretrained model's: see
+below), vocab_size, eot_token, train_tokens, val_tokens, train_docs, val_docs,
+source (a description) and, for char, chars: the vocabulary as one string, where
+a character's id is its position and the end-of-text id is len(chars).
+load_tokenizer(meta) gives encode/decode for any of them. <name> defaults to the
+source name ("text" for --input), with "-<tokenizer>" appended when the
+tokenizer is not that source's default, so different tokenizations never
+overwrite each other.
+
+--tokenizer also takes a pretrained model's tokenizer, to fine-tune it (hub.py):
+a Hugging Face repo name such as SandyResearch/parcae-tokenizer (the authors'
+models'), or a folder holding a tokenizer.json. Documents are then written as
+the authors' data loader packs them, <|bos|> text <|eos|>; eot_token is <|eos|>
+and meta.json also records bos_token.
 
 Sources and how each is split into train/val:
   stdlib       (default, no download) the top-level *.py files of this Python's
@@ -30,12 +40,15 @@ Sources and how each is split into train/val:
                first 1% of the first shard's documents, so it stays the same
                whatever --num_shards is.
   --input      local text files or folders (searched recursively, sorted, hidden
-               names skipped; binary or non-UTF-8 files are skipped and counted).
+               names skipped; binary or non-UTF-8 files are skipped and counted;
+               in folders, --suffix .py keeps only names that end so). A file
+               whose content was seen already (a vendored copy) is dropped.
                One file = one document, split like stdlib; a single document is
                split 90/10 like shakespeare.
 The default tokenizer is gpt2 for everything but stdlib; --tokenizer overrides it.
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -67,12 +80,23 @@ def get_gpt2():
                          "once so tiktoken can cache them, or set TIKTOKEN_CACHE_DIR to a folder that holds them")
 
 
-def load_tokenizer(meta):
-    """(encode, decode) for a meta.json dict. Both tokenizers render the end-of-text token as
-    EOT_TEXT and encode EOT_TEXT back to it, so decode(encode(s)) == s."""
-    if meta["tokenizer"] == "gpt2":
+def get_encoding(tokenizer):
+    """tiktoken Encoding of gpt2 or of a pretrained model's tokenizer, and meta.json's fields for it."""
+    if tokenizer == "gpt2":
         enc = get_gpt2()
-        return (lambda s: enc.encode(s, allowed_special={EOT_TEXT})), enc.decode
+        return enc, dict(vocab_size=enc.n_vocab, eot_token=enc.eot_token)
+    import hub  # only a pretrained model's tokenizer needs it
+    return hub.load_encoding(tokenizer), hub.tokenizer_meta(tokenizer)
+
+
+def load_tokenizer(meta):
+    """(encode, decode) for a meta.json dict. Each tokenizer renders its special tokens as text (the
+    end-of-text token as EOT_TEXT for char and gpt2, as <|eos|> for a pretrained model's) and
+    encodes that text back to them, so decode(encode(s)) == s."""
+    if meta["tokenizer"] != "char":
+        enc = get_encoding(meta["tokenizer"])[0]
+        special = {EOT_TEXT} if meta["tokenizer"] == "gpt2" else "all"
+        return (lambda s: enc.encode(s, allowed_special=special)), enc.decode
     chars, eot = meta["chars"], meta["eot_token"]
     encode_text, itos = char_encoder(chars), list(chars) + [EOT_TEXT]
 
@@ -152,7 +176,7 @@ def shakespeare_docs(folder, url):
         return *split_90_10(f.read()), f"Tiny Shakespeare from {url}"
 
 
-def text_docs(inputs):
+def text_docs(inputs, suffixes=()):
     files = []
     for p in inputs:
         if os.path.isfile(p):
@@ -160,43 +184,60 @@ def text_docs(inputs):
         elif os.path.isdir(p):
             for root, dirs, names in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips .git and friends
-                files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if not n.startswith(".") and (not suffixes or n.endswith(tuple(suffixes)))]
         else:
             raise SystemExit(f"prepare.py: {p} is not a file or folder; check the --input path")
-    docs, skipped = [], 0
+    docs, skipped, seen, duplicates = [], 0, set(), 0
     for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
         try:
+            with open(path, "rb") as f:
+                data = f.read()
             if not data or b"\0" in data:  # a NUL byte: almost surely binary, even if it decodes
                 raise ValueError
-            docs.append(data.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError is a ValueError
+            text = data.decode("utf-8")
+        except (OSError, ValueError):  # unreadable (a broken link, say); UnicodeDecodeError is a ValueError
             skipped += 1
+            continue
+        # the same content twice (vendored copies of a package, say) would put a document in
+        # both train and val, and weigh it double: keep the first in path order
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if digest in seen:
+            duplicates += 1
+        else:
+            seen.add(digest)
+            docs.append(text)
     if skipped:
-        print(f"skipped {skipped} empty, binary or non-UTF-8 file(s)")
+        print(f"skipped {skipped} unreadable, empty, binary or non-UTF-8 file(s)")
+    if duplicates:
+        print(f"dropped {duplicates} file(s) whose content an earlier file has")
     if not docs:
-        raise SystemExit(f"prepare.py: no text files in {' '.join(inputs)} ({skipped} skipped as empty, "
+        raise SystemExit(f"prepare.py: no text files in {' '.join(inputs)} ({skipped} skipped as unreadable, empty, "
                          "binary or non-UTF-8); pass UTF-8 text files or folders that contain some")
     split = split_90_10(docs[0]) if len(docs) == 1 else split_every_10th(docs)
-    return *split, f"{len(docs)} local text file(s) from {', '.join(inputs)}"
+    kept = f" named *{' *'.join(suffixes)} in folders" if suffixes else ""
+    return *split, (f"{len(docs)} local text file(s){kept} from {', '.join(inputs)} "
+                    f"({duplicates} duplicate(s) dropped)")
 
 
 # -----------------------------------------------------------------------------
 # fineweb-edu: too big for memory, so it streams through per-shard token files
 
 
-def _gpt2_batch(texts):
-    """Pool worker: a batch of documents -> one uint16 array, EOT after each."""
-    enc = get_gpt2()  # tiktoken caches it, so this is cheap after the first call in each worker
-    ids = []
-    for t in texts:
-        ids.extend(enc.encode_ordinary(t))  # ordinary: a literal "<|endoftext|>" in the text stays text
-        ids.append(enc.eot_token)
-    return len(texts), np.array(ids, dtype=np.uint16)
+def framed(stats, docs):
+    """Each document's ids as the tokenizer's data have them: after its BOS token if it has one, then EOT."""
+    bos = [stats["bos_token"]] if "bos_token" in stats else []
+    return [bos + d + [stats["eot_token"]] for d in docs]
 
 
-def tokenize_parquet(src, dst, num_proc):
+def _encode_batch(job):
+    """Pool worker: (tokenizer, a batch of documents) -> one uint16 array of the framed documents."""
+    tokenizer, texts = job
+    enc, stats = get_encoding(tokenizer)  # cached, so this is cheap after the first call in each worker
+    return len(texts), next(bpe_token_chunks(texts, enc, stats, batch=max(1, len(texts))))
+
+
+def tokenize_parquet(src, dst, num_proc, tokenizer):
     try:
         import pyarrow.parquet as pq  # only this source reads parquet
     except ImportError:
@@ -214,7 +255,8 @@ def tokenize_parquet(src, dst, num_proc):
         # a few thousand documents at a time: Pool.imap would read the whole shard into memory
         for batch in pf.iter_batches(batch_size=8192, columns=["text"]):
             texts = [t or "" for t in batch.column("text").to_pylist()]
-            for n, ids in pool.imap(_gpt2_batch, [texts[i:i + 256] for i in range(0, len(texts), 256)]):
+            jobs = [(tokenizer, texts[i:i + 256]) for i in range(0, len(texts), 256)]
+            for n, ids in pool.imap(_encode_batch, jobs):
                 ids.tofile(f)
                 bar.update(n)
     os.replace(tmp, dst)
@@ -230,9 +272,10 @@ def doc_ends(path, eot):
     return np.concatenate(ends)
 
 
-def prepare_fineweb(folder, url, num_shards, num_proc):
+def prepare_fineweb(folder, url, num_shards, num_proc, tokenizer):
     """Download and tokenize the shards not done yet, then write train.bin/val.bin from them."""
-    eot = get_gpt2().eot_token  # fail early, before any download, if the tokenizer is missing
+    stats = get_encoding(tokenizer)[1]  # fail early, before any download, if the tokenizer is missing
+    eot = stats["eot_token"]
     shards = []
     for i in range(num_shards):
         name = f"{i:03d}_00000"
@@ -240,7 +283,7 @@ def prepare_fineweb(folder, url, num_shards, num_proc):
         if not os.path.exists(tokens):  # tokenized already: neither download nor parquet needed
             download(url.rstrip("/") + f"/{name}.parquet", parquet,
                      "check your connection, --url, and that --num_shards is not more than there are")
-            tokenize_parquet(parquet, tokens, num_proc)
+            tokenize_parquet(parquet, tokens, num_proc, tokenizer)
         shards.append(tokens)
     ends = [doc_ends(p, eot) for p in shards]
     if len(ends[0]) < 2:
@@ -260,8 +303,7 @@ def prepare_fineweb(folder, url, num_shards, num_proc):
     atomic_write(os.path.join(folder, "val.bin"), write_val)
     atomic_write(os.path.join(folder, "train.bin"), write_train)
     tokens, docs = sum(os.path.getsize(p) // 2 for p in shards), sum(len(e) for e in ends)
-    return dict(vocab_size=get_gpt2().n_vocab, eot_token=eot, train_tokens=tokens - cut, train_docs=docs - n_val,
-                val_tokens=cut, val_docs=n_val)
+    return dict(stats, train_tokens=tokens - cut, train_docs=docs - n_val, val_tokens=cut, val_docs=n_val)
 
 
 # -----------------------------------------------------------------------------
@@ -275,63 +317,106 @@ def atomic_write(path, fill):
     os.replace(tmp, path)
 
 
+def char_vocabulary(docs):
+    """Every character that occurs in docs, sorted by code point, as one string (a character's id is its position)."""
+    counts = np.zeros(0x110000, dtype=np.int64)     # one counter per Unicode code point
+    for codes, _ in code_point_chunks(docs):
+        counts += np.bincount(codes, minlength=counts.size)
+    return "".join(map(chr, np.flatnonzero(counts)))
+
+
+def code_point_chunks(docs, batch=1024):
+    """(the code points of a batch of documents as one array, their lengths), a batch at a time. numpy reads
+    the code points from the UTF-32 bytes: a Python loop over a few hundred million characters takes minutes."""
+    for i in range(0, len(docs), batch):
+        text = "".join(docs[i:i + batch]).encode("utf-32-le", errors="surrogatepass")
+        yield np.frombuffer(text, dtype="<u4"), [len(d) for d in docs[i:i + batch]]
+
+
+def char_token_chunks(docs, chars, eot, batch=1024):
+    """uint16 ids of docs (each character's position in chars), an EOT after each document: the ids
+    char_encoder gives, but by a lookup table indexed by code point."""
+    table = np.zeros(0x110000, dtype=np.uint16)
+    table[[ord(c) for c in chars]] = np.arange(len(chars))
+    for codes, lengths in code_point_chunks(docs, batch):
+        yield np.insert(table[codes], np.cumsum(lengths), eot)
+
+
+def bpe_token_chunks(docs, enc, stats, batch=1024):
+    """uint16 ids of docs by a tiktoken Encoding, each document framed as its tokenizer's data are."""
+    for i in range(0, len(docs), batch):   # a batch at a time: the ids of all docs as Python ints would be huge
+        # ordinary: a special token's text inside a document (a literal "<|endoftext|>") stays text
+        yield np.array([t for d in framed(stats, enc.encode_ordinary_batch(docs[i:i + batch])) for t in d],
+                       dtype=np.uint16)
+
+
+def write_tokens(path, chunks):
+    """Write the uint16 arrays one after another, atomically; return the number of tokens."""
+    def fill(f):
+        for ids in chunks:
+            ids.tofile(f)
+    atomic_write(path, fill)
+    return os.path.getsize(path) // 2
+
+
 def write_docs(folder, train_docs, val_docs, tokenizer):
     """Tokenize documents held in memory into train.bin/val.bin; return meta.json's numbers."""
     if tokenizer == "char":
-        chars = "".join(sorted(set().union(*train_docs, *val_docs)))
+        chars = char_vocabulary(train_docs + val_docs)
         stats = dict(vocab_size=len(chars) + 1, eot_token=len(chars))
-        encode_all = lambda docs: list(map(char_encoder(chars), docs))
+        encode_all = lambda docs: char_token_chunks(docs, chars, stats["eot_token"])
     else:
-        enc = get_gpt2()
-        stats = dict(vocab_size=enc.n_vocab, eot_token=enc.eot_token)
-        encode_all = enc.encode_ordinary_batch  # ordinary: a literal "<|endoftext|>" in the text stays text
+        enc, stats = get_encoding(tokenizer)
+        encode_all = lambda docs: bpe_token_chunks(docs, enc, stats)
     if stats["vocab_size"] > 1 << 16:
         raise SystemExit(f"prepare.py: a vocabulary of {stats['vocab_size']} does not fit the uint16 token "
                          "files (at most 65536); use --tokenizer gpt2, or text with fewer distinct characters")
     os.makedirs(folder, exist_ok=True)
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = []
-        for d in encode_all(docs):
-            ids += d
-            ids.append(stats["eot_token"])
-        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
-        stats.update({f"{split}_tokens": len(ids), f"{split}_docs": len(docs)})
+        n = write_tokens(os.path.join(folder, f"{split}.bin"), encode_all(docs))
+        stats.update({f"{split}_tokens": n, f"{split}_docs": len(docs)})
     if tokenizer == "char":
         stats["chars"] = chars  # last, as it is by far the longest field
     return stats
 
 
 def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
-            url=None, num_shards=1, num_proc=None):
+            url=None, num_shards=1, num_proc=None, suffixes=()):
     """Prepare one corpus (see the module docstring) and return the folder it was written to."""
     if source and inputs:
         raise SystemExit("prepare.py: give either --source or --input, not both")
+    if suffixes and not inputs:
+        raise SystemExit("prepare.py: --suffix filters the files of --input folders; give --input too")
     source = "text" if inputs else (source or "stdlib")
     if source not in SOURCES + ("text",):
         raise SystemExit(f"prepare.py: unknown source {source!r}; "
                          f"choose one of {', '.join(SOURCES)}, or pass --input FILES")
     default_tokenizer = "char" if source == "stdlib" else "gpt2"
     tokenizer = tokenizer or default_tokenizer
-    if tokenizer not in ("char", "gpt2"):
-        raise SystemExit(f"prepare.py: unknown tokenizer {tokenizer!r}; choose char or gpt2")
+    if os.path.isdir(tokenizer):  # a folder with a pretrained model's tokenizer.json: found from anywhere
+        tokenizer = os.path.abspath(tokenizer)
+    elif tokenizer not in ("char", "gpt2") and "/" not in tokenizer:
+        raise SystemExit(f"prepare.py: unknown tokenizer {tokenizer!r}; choose char or gpt2, or a pretrained "
+                         "model's: a Hugging Face repo such as SandyResearch/parcae-tokenizer, or a folder")
     if source == "fineweb-edu" and tokenizer == "char":
-        raise SystemExit("prepare.py: fineweb-edu is gpt2 only: its web text has thousands of distinct "
-                         "characters, which make a poor (and possibly > 65536 entry) char vocabulary")
+        raise SystemExit("prepare.py: fineweb-edu is not for the char tokenizer: its web text has thousands of "
+                         "distinct characters, which make a poor (and possibly > 65536 entry) char vocabulary")
     if num_shards < 1:
         raise SystemExit("prepare.py: --num_shards must be at least 1")
-    folder = os.path.join(out_dir, name or (source if tokenizer == default_tokenizer else f"{source}-{tokenizer}"))
+    suffix = os.path.basename(tokenizer.rstrip("/"))  # SandyResearch/parcae-tokenizer -> parcae-tokenizer
+    folder = os.path.join(out_dir, name or (source if tokenizer == default_tokenizer else f"{source}-{suffix}"))
 
     if source == "fineweb-edu":  # too big for memory: streamed through per-shard token files
         url = url or FINEWEB_URL
         desc = f"FineWeb-Edu sample/10BT, {num_shards} shard(s) from {url}; val = first 1% of shard 0's documents"
-        stats = prepare_fineweb(folder, url, num_shards, num_proc or os.cpu_count())
+        stats = prepare_fineweb(folder, url, num_shards, num_proc or os.cpu_count(), tokenizer)
     else:
         if source == "stdlib":
             train_docs, val_docs, desc = stdlib_docs()
         elif source == "shakespeare":
             train_docs, val_docs, desc = shakespeare_docs(folder, url or SHAKESPEARE_URL)
         else:
-            train_docs, val_docs, desc = text_docs(inputs)
+            train_docs, val_docs, desc = text_docs(inputs, suffixes)
         stats = write_docs(folder, train_docs, val_docs, tokenizer)
     meta = {"tokenizer": tokenizer, "source": desc, **stats}
     # meta.json goes last: it is what says the folder is complete
@@ -345,14 +430,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help=f"one of {', '.join(SOURCES)} (default: stdlib)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="local text files or folders instead of a source")
-    p.add_argument("--tokenizer", choices=("char", "gpt2"), help="default: char for stdlib, gpt2 otherwise")
+    p.add_argument("--suffix", nargs="+", action="extend", default=[], metavar="SUFFIX",
+                   help="--input folders: read only the files whose names end so, e.g. --suffix .py .pyi")
+    p.add_argument("--tokenizer", help="char | gpt2 | a pretrained model's: a Hugging Face repo such as "
+                   "SandyResearch/parcae-tokenizer, or a folder with a tokenizer.json (default: char for stdlib, "
+                   "gpt2 otherwise)")
     p.add_argument("--name", help="output folder name (default: the source name)")
     p.add_argument("--out_dir", default="data")
     p.add_argument("--url", help="shakespeare: the file to download; fineweb-edu: the folder holding the shards")
     p.add_argument("--num_shards", type=int, default=1, help="fineweb-edu: how many parquet shards")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="fineweb-edu: tokenizer processes")
     a = p.parse_args(argv)
-    prepare(a.source, a.input, a.tokenizer, a.name, a.out_dir, a.url, a.num_shards, a.num_proc)
+    prepare(a.source, a.input, a.tokenizer, a.name, a.out_dir, a.url, a.num_shards, a.num_proc, a.suffix)
 
 
 if __name__ == "__main__":

@@ -106,18 +106,24 @@ def tokens_of(settings):
     return settings["max_iters"] * settings["batch_size"] * settings["grad_accum_steps"] * settings["block_size"]
 
 
-def model_size(settings, vocab_size):
-    """Parameters and training FLOPs per token, from a model built on the meta device (no memory)."""
+def meta_model(settings, vocab_size):
+    """The run's model on the meta device (no memory), built once per configuration: a build still takes
+    0.2 s, and the scripts ask after every run."""
     config = train.model_config({**train.SETTINGS, **settings}, vocab_size)
     key = repr(config)
-    if key not in _sizes:       # a build still takes 0.2 s, and the scripts ask after every run
+    if key not in _models:
         with torch.device("meta"):
-            model = GPT(config)
-        _sizes[key] = model.num_params(), model.flops_per_token()
-    return _sizes[key]
+            _models[key] = GPT(config)
+    return _models[key]
 
 
-_sizes = {}
+_models = {}
+
+
+def model_size(settings, vocab_size):
+    """Parameters and training FLOPs per token (model.flops_per_token(), at the nominal depth μ_rec)."""
+    model = meta_model(settings, vocab_size)
+    return model.num_params(), model.flops_per_token()
 
 
 def read_meta(data_dir):

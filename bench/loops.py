@@ -4,20 +4,39 @@ saturating exponential the paper fits to it, L(T) = L∞ + Z·exp(−z·T) (PARC
 
     python bench/loops.py --data_dir=data/bench                 # the looped models of quality.json's largest budget
     python bench/loops.py --data_dir=data/bench --checkpoints out/bench/small/quality/parcae_24M --loops 1 4 16
+    python bench/loops.py --data_dir=data/fineweb-edu-parcae-tokenizer --init_from=SandyResearch/parcae-140m
 
 Every T sees the same validation batches as train.py's own evaluation (its get_batch), and
 so the same random initial states h_0: with --batches equal to the run's eval_iters, the
-loss at T = μ_rec is the run's final validation loss. bf16 autocast on CUDA. The fit is
-least squares: for each z on a grid over [0.001, 5], L∞ and Z are a linear least-squares
-problem; we keep the z with the smallest squared error, refining the grid around it, and
-report R² (1 is a perfect fit). z at 5 means the loss is flat after the first loop or two.
+loss at T = μ_rec is the run's final validation loss. --init_from evaluates one of the
+authors' pretrained models instead (hub.py), on data prepared with its tokenizer, in
+windows of its block_size, with seed 1337 and the preset's batch size (--preset tiny on a
+CPU). bf16 autocast on CUDA. The fit is least squares: for each z on a grid over
+[0.001, 5], L∞ and Z are a linear least-squares problem; we keep the z with the smallest
+squared error, refining the grid around it, and report R² (1 is a perfect fit). z at 5
+means the loss is flat after the first loop or two.
 Non-finite losses (a loop that blew up) are shown but left out of the fit.
 Writes loops.json, loops.md and loops.png to --results_dir.
+
+--adaptive measures per-token exit (sample.py --exit_threshold) on --checkpoints instead, up to
+--cap loops (default 2·μ_rec), and writes adaptive.json, adaptive.md and adaptive.png:
+  - the validation loss and mean loops per token of the real adaptive forward at each of
+    --thresholds (one forward over each sequence, which equals decoding it token by token: tests),
+    against the fixed depths T = 1 ... cap, on the same batches and h_0 draws;
+  - the two exit criteria side by side, simulated on the fixed-depth trajectories (a token exits at
+    the first T where its criterion falls below the threshold, and scores its loss at that T): the
+    relative state change ‖h_T − h_(T−1)‖/‖h_T‖, and the KL between the predictions at T and T − 1,
+    which needs the coda and the head at every iteration; costs are forward MFLOPs per token;
+  - what the shared KV cache costs: the loss of decoding token by token with each cache, at μ_rec
+    and at the cap (--decode_batches batches);
+  - on a GPU, decoding speed at batch 1: fixed depths (a CUDA graph, or launched from Python) and
+    adaptive exit, which must launch from Python (its loop ends on a host-side test).
 """
 
 import json
 import math
 import os
+import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -29,6 +48,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import common  # noqa: E402
+import sample  # noqa: E402  (its KV cache)
 import train  # noqa: E402  (its evaluation, and its checkpoint reading)
 
 
@@ -38,10 +58,20 @@ def main(argv=None):
                                                     "looped models at its largest budget")
     p.add_argument("--loops", nargs="+", type=int, help="test-time depths (default: the preset's)")
     p.add_argument("--batches", type=int, help="validation batches per depth (default: the preset's)")
+    p.add_argument("--init_from", help="a pretrained model instead: a Hugging Face repo such as "
+                                       "SandyResearch/parcae-140m, or a folder holding its files (hub.py)")
+    p.add_argument("--adaptive", action="store_true", help="measure per-token exit and the shared cache instead")
+    p.add_argument("--cap", type=int, help="--adaptive: the most loops a token may run (default 2·μ_rec)")
+    p.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002],
+                   help="--adaptive: exit thresholds ε on the relative state change")
+    p.add_argument("--decode_batches", type=int, default=2, help="--adaptive: batches decoded token by token per "
+                   "cache mode and depth")
     args = common.finish_args(p.parse_args(argv))
+    if args.adaptive:
+        return adaptive_main(args)
     loops = sorted(args.loops or args.preset["loops"])
     batches = args.batches or args.preset["loop_batches"]
-    checkpoints = find_checkpoints(args)
+    checkpoints = [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args)
     print(f"test-time depth: {len(checkpoints)} models × {len(loops)} depths × {batches} batches")
     if args.dry_run:
         for label, path in checkpoints:
@@ -55,7 +85,7 @@ def main(argv=None):
                "data_dir": args.data_dir, "loops": loops, "batches": batches,
                "models": []}
     for label, path in checkpoints:
-        model, settings = load(path, device)
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
         losses = evaluate(model, args.data_dir, settings, loops, batches, device)
         ok = [(T, L) for T, L in losses.items() if math.isfinite(L)]
         fit = fit_exponential(*zip(*ok)) if len(ok) >= 3 else None
@@ -104,6 +134,15 @@ def load(path, device):
     return model.to(device).eval(), ckpt["settings"]
 
 
+def load_pretrained(args, device):
+    """A pretrained model (hub.py), in eval mode, and the settings its evaluation reads."""
+    import hub
+    model = hub.load_for_data(args.init_from, args.meta, args.data_dir)
+    if not model.config.looped:
+        raise SystemExit(f"{args.init_from} is a plain Transformer: it has no loop to vary")
+    return model.to(device).eval(), {"seed": 1337, "batch_size": args.preset["train"]["batch_size"]}
+
+
 def evaluate(model, data_dir, settings, loops, batches, device):
     """Mean validation loss at each T: train.py's own evaluation, over the same batches (and h_0
     draws) for every T."""
@@ -113,6 +152,9 @@ def evaluate(model, data_dir, settings, loops, batches, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     losses = train.evaluate(model, val, cfg, rank=0, world=1, device=device, autocast=autocast)
     return {int(T): L for T, L in losses.items()}
+
+
+Z_RANGE = (1e-3, 5.0)     # the decay rates z that fit_exponential scans
 
 
 def fit_exponential(T, L):
@@ -128,7 +170,7 @@ def fit_exponential(T, L):
         coef = np.linalg.lstsq(X, L, rcond=None)[0]
         return float(((X @ coef - L) ** 2).sum()), coef
 
-    grid = np.logspace(-3, math.log10(5), 400)
+    grid = np.logspace(*np.log10(Z_RANGE), 400)
     for _ in range(4):
         i = int(np.argmin([solve(z)[0] for z in grid]))
         best = grid[i]
@@ -137,6 +179,266 @@ def fit_exponential(T, L):
     sst = float(((L - L.mean()) ** 2).sum())
     r2 = 1 - sse / sst if sst > 0 else 1.0
     return {"L_inf": float(L_inf), "Z": float(Z), "z": float(best), "r2": float(r2), "sse": sse}
+
+
+# -----------------------------------------------------------------------------
+# --adaptive: per-token exit and the shared cache
+
+
+def adaptive_main(args):
+    if not (args.checkpoints or args.init_from):
+        raise SystemExit("--adaptive needs --checkpoints (run folders or ckpt.pt files) or --init_from")
+    batches = args.batches or args.preset["loop_batches"]
+    device = torch.device(args.overrides.get("device", args.preset["train"]["device"]))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this preset evaluates on cuda, and there is no GPU here (try --preset tiny)")
+    results = {"preset": args.preset_name, "environment": common.environment(), "data_dir": args.data_dir,
+               "batches": batches, "decode_batches": args.decode_batches, "models": []}
+    for label, path in [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args):
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
+        mu = model.config.mean_loops
+        cap = args.cap or 2 * mu
+        print(f"{label}: μ_rec {mu}, cap {cap}, {batches} batches", flush=True)
+        r = {"model": label, "checkpoint": path, "mean_loops": mu, "cap": cap}
+        r["fixed"] = {str(T): L for T, L in evaluate(model, args.data_dir, settings, range(1, cap + 1), batches,
+                                                     device).items()}
+        r["adaptive"] = [adaptive_loss(model, args.data_dir, settings, cap, eps, batches, device)
+                         for eps in sorted(args.thresholds, reverse=True)]
+        for a in r["adaptive"]:
+            print(f"  ε {a['threshold']:g}: loss {a['loss']:.4f} at {a['mean_loops']:.2f} loops per token", flush=True)
+        r["simulated"] = simulate_criteria(model, args.data_dir, settings, cap, batches, device)
+        r["decoding"] = [dict(loops=T, shared=shared, **decoding_loss(model, args.data_dir, settings, T, shared,
+                                                                      args.decode_batches, device))
+                         for T in sorted({mu, cap}) for shared in (False, True)]
+        for d in r["decoding"]:
+            print(f"  decoding at {d['loops']} loops, {'shared' if d['shared'] else 'full'} cache: "
+                  f"loss {d['loss']:.4f}", flush=True)
+        r["claim"] = adaptive_claim(r)
+        if device.type == "cuda":
+            eps = (r["claim"]["best"] or r["adaptive"][-1])["threshold"]
+            r["speed"] = decoding_speed(model, args.data_dir, settings, mu, cap, eps, device)
+        results["models"].append(r)
+        del model
+    common.write_json(os.path.join(args.results_dir, "adaptive.json"), results)
+    with open(os.path.join(args.results_dir, "adaptive.md"), "w") as f:
+        f.write(adaptive_markdown(results))
+    adaptive_plot(results, os.path.join(args.results_dir, "adaptive.png"))
+    print(adaptive_markdown(results))
+    return results
+
+
+def val_batch(data_dir, settings, model, i, device):
+    """train.py's validation batch i. get_batch also seeds torch, so h_0 is drawn the same every time."""
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    cfg = SimpleNamespace(seed=settings["seed"], block_size=model.config.block_size, batch_size=settings["batch_size"])
+    return train.get_batch(val, 1, i, 0, cfg, device)
+
+
+def batches_of(data_dir, settings, model, batches, device):
+    return (val_batch(data_dir, settings, model, i, device) for i in range(batches))
+
+
+def autocast_for(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def adaptive_loss(model, data_dir, settings, cap, eps, batches, device):
+    """Validation loss and mean loops per token of one forward per sequence with per-token exit. A
+    single forward reads only keys and values written in it, so the small shared cache serves."""
+    losses, loops = [], []
+    for x, y in batches_of(data_dir, settings, model, batches, device):
+        cache = sample.KVCache(model, len(x), cap, shared=True)
+        with autocast_for(device):
+            _, loss = model(x, y, loops=cap, cache=cache, exit_threshold=eps)
+        losses.append(loss.item())
+        loops.append(model.last_state["loops_per_token"].mean().item())
+    return {"threshold": eps, "loss": float(np.mean(losses)), "mean_loops": float(np.mean(loops))}
+
+
+def forward_flops(model, loops, kl=False):
+    """Forward matmul FLOPs per token (model.flops_per_token's terms) at `loops` iterations; with kl,
+    the coda, C and the head also run after every iteration, as the KL criterion needs."""
+    c = model.config
+    block = sum(p.numel() for n, p in model.core[0].named_parameters()
+                if n.endswith("weight") and p.dim() == 2 and "value_embed" not in n)
+    per_block = 2 * block + 2 * c.block_size * c.n_embd
+    head, inj, C = 2 * c.n_embd * c.padded_vocab_size, 2 * c.n_embd ** 2, 2 * c.n_embd ** 2
+    readout = c.n_coda * per_block + C + head
+    return c.n_prelude * per_block + loops * (c.n_core * per_block + inj) + (loops if kl else 1) * readout
+
+
+@torch.no_grad()
+def simulate_criteria(model, data_dir, settings, cap, batches, device):
+    """
+    Both exit criteria on the fixed-depth trajectories, for a grid of thresholds. For every token
+    and T = 1 ... cap: its loss at T (a forward at T loops), its state change (hooks read h_(T-1)
+    going into the injection and h_T going into C), and the KL from its prediction at T-1 to that at T.
+    A fixed depth runs every token to T, so this leaves out how exited tokens' frozen keys and values
+    change the others' attention; the real adaptive forward includes it.
+    """
+    nll, change, kl = [], [], []         # each a list over batches of (cap, tokens)
+    for i in range(batches):
+        states = []
+        hooks = [model.injection.register_forward_pre_hook(lambda m, a: states.append(a[0].float())),
+                 model.C.register_forward_pre_hook(lambda m, a: states.append(a[0].float()))]
+        per_T, previous = [], None
+        for T in range(1, cap + 1):
+            states.clear()
+            x, y = val_batch(data_dir, settings, model, i, device)      # and the same h_0 at every T
+            with autocast_for(device):
+                logits, _ = model(x, loops=T)
+            logp = torch.log_softmax(logits.float(), dim=-1)      # over the padded vocabulary, as the loss is
+            nll_T = -logp.gather(-1, y[..., None])[..., 0]
+            kl_T = (logp.exp() * (logp - previous)).sum(-1) if previous is not None else torch.full_like(nll_T, math.inf)
+            h = states          # h_0 ... h_(T-1) into the injection, then h_T into C
+            change_T = (h[-1] - h[-2]).norm(dim=-1) / h[-1].norm(dim=-1)
+            per_T.append((nll_T.flatten(), change_T.flatten(), kl_T.flatten()))
+            previous = logp
+        for hook in hooks:
+            hook.remove()
+        nll.append(torch.stack([p[0] for p in per_T])), change.append(torch.stack([p[1] for p in per_T]))
+        kl.append(torch.stack([p[2] for p in per_T]))
+    nll, change, kl = (torch.cat(t, dim=1) for t in (nll, change, kl))
+    out = {}
+    for name, crit in (("state", change), ("kl", kl)):
+        points = []
+        for eps in np.logspace(-5, 0.5, 56):
+            below = crit < eps
+            below[-1] = True                                    # the cap stops everyone
+            exit_at = below.float().argmax(dim=0)               # first T (0-based) below the threshold
+            loss = nll.gather(0, exit_at[None])[0].mean().item()
+            T = exit_at.float().mean().item() + 1
+            flops = float(np.mean([forward_flops(model, t, kl=name == "kl") for t in (exit_at + 1).tolist()]))
+            points.append({"threshold": float(eps), "loss": loss, "mean_loops": T, "forward_mflops": flops / 1e6})
+        out[name] = points
+    out["fixed_mflops"] = {str(T): forward_flops(model, T) / 1e6 for T in range(1, cap + 1)}
+    return out
+
+
+@torch.no_grad()
+def decoding_loss(model, data_dir, settings, loops, shared, batches, device):
+    """Validation loss of decoding each sequence one token at a time through a KV cache."""
+    losses = []
+    for x, y in batches_of(data_dir, settings, model, batches, device):
+        cache = sample.KVCache(model, len(x), loops, shared=shared)
+        nll = []
+        with autocast_for(device):
+            for i in range(x.size(1)):
+                logits, _ = model(x[:, i:i + 1], loops=loops, cache=cache)
+                logp = torch.log_softmax(logits.float()[:, 0], dim=-1)
+                nll.append(-logp.gather(-1, y[:, i:i + 1])[:, 0])
+        losses.append(torch.stack(nll).mean().item())
+    return {"loss": float(np.mean(losses))}
+
+
+def decoding_speed(model, data_dir, settings, mu, cap, eps, device, new_tokens=128):
+    """New tokens per second at batch 1 as sample.py decodes (bf16 autocast, fp32 weights here): fixed
+    depths replayed as a CUDA graph and launched from Python, and adaptive exit, which must launch."""
+    x, _ = val_batch(data_dir, settings, model, 0, device)
+    prompt = x[:1, :64]
+    rows = []
+    for loops, eps_, graph in ((mu, None, True), (cap, None, True), (mu, None, False), (cap, None, False),
+                               (cap, eps, False)):
+        stats = {}
+        with autocast_for(device):
+            sample.generate(model, prompt, 16, loops=loops, cuda_graph=graph, exit_threshold=eps_)   # warm-up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sample.generate(model, prompt, new_tokens, loops=loops, cuda_graph=graph, exit_threshold=eps_, stats=stats)
+            torch.cuda.synchronize()
+        rows.append({"loops": loops, "threshold": eps_, "cuda_graph": graph,
+                     "tokens_per_sec": new_tokens / (time.perf_counter() - t0),
+                     "mean_loops": stats["loops_per_token"].float().mean().item() if stats else loops})
+    return rows
+
+
+def adaptive_claim(r):
+    """The issue's claim: adaptive exit within 0.01 nats of the fixed T = μ_rec loss with ≥ 30 % fewer loops."""
+    target = r["fixed"][str(r["mean_loops"])] + 0.01
+    ok = [a for a in r["adaptive"] if a["loss"] <= target]
+    best = min(ok, key=lambda a: a["mean_loops"]) if ok else None
+    saved = 1 - best["mean_loops"] / r["mean_loops"] if best else None
+    return {"target_loss": target, "best": best, "loops_saved": saved, "holds": saved is not None and saved >= 0.3}
+
+
+def adaptive_markdown(results):
+    fmt = common.fmt
+    lines = []
+    for r in results["models"]:
+        c = r["claim"]
+        lines += [f"### {r['model']} (μ_rec {r['mean_loops']}, cap {r['cap']} loops)", "",
+                  f"Validation loss at fixed depths, {results['batches']} batches:", "",
+                  "| T | " + " | ".join(r["fixed"]) + " |", "|---|" + "---|" * len(r["fixed"]),
+                  "| loss | " + " | ".join(fmt(v) for v in r["fixed"].values()) + " |", "",
+                  "Adaptive exit on the relative state change (the real forward, same batches and h_0):", "",
+                  "| ε | mean loops per token | loss | vs fixed T = μ_rec |", "|---|---|---|---|"]
+        base = r["fixed"][str(r["mean_loops"])]
+        lines += [f"| {a['threshold']:g} | {a['mean_loops']:.2f} | {a['loss']:.4f} | {a['loss'] - base:+.4f} |"
+                  for a in r["adaptive"]]
+        verdict = (f"the lowest mean loops within 0.01 nats of T = {r['mean_loops']} ({fmt(base, '.4f')}) is "
+                   f"{c['best']['mean_loops']:.2f} at ε = {c['best']['threshold']:g}, {100 * c['loops_saved']:.0f} % "
+                   f"fewer loops: the claim (≥ 30 % fewer) {'holds' if c['holds'] else 'does not hold'}."
+                   if c["best"] else f"no threshold came within 0.01 nats of T = {r['mean_loops']} ({fmt(base, '.4f')}).")
+        lines += ["", "Claim: " + verdict, ""]
+        sim = r["simulated"]
+        lines += ["Exit criteria compared on the fixed-depth trajectories (simulated): the lowest loss each reaches "
+                  "within a forward cost (MFLOPs per token; the KL criterion runs the coda and head every "
+                  "iteration):", "", "| cost ≤ fixed T | state change: loss | KL: loss |", "|---|---|---|"]
+        for T, g in sim["fixed_mflops"].items():
+            best = [min((p["loss"] for p in sim[k] if p["forward_mflops"] <= g * (1 + 1e-9)), default=None)
+                    for k in ("state", "kl")]
+            lines.append(f"| {T} ({g:.1f}) | {fmt(best[0], '.4f')} | {fmt(best[1], '.4f')} |")
+        lines += ["", "Decoding token by token through the KV cache ({} batches): what the shared cache costs".format(
+            results["decode_batches"]), "", "| loops | full cache | shared cache | shared − full |", "|---|---|---|---|"]
+        for T in sorted({d["loops"] for d in r["decoding"]}):
+            full, shared = (next(d["loss"] for d in r["decoding"] if d["loops"] == T and d["shared"] == s)
+                            for s in (False, True))
+            lines.append(f"| {T} | {full:.4f} | {shared:.4f} | {shared - full:+.4f} |")
+        if r.get("speed"):
+            lines += ["", "Decoding speed, batch 1, 64-token prompt, 128 new tokens, full cache:", "",
+                      "| loops | exit | decoding | mean loops per token | new tokens/s |", "|---|---|---|---|---|"]
+            lines += [f"| {d['loops']} | {'ε = %g' % d['threshold'] if d['threshold'] is not None else 'fixed'} | "
+                      f"{'CUDA graph' if d['cuda_graph'] else 'launched from Python'} | {d['mean_loops']:.2f} | "
+                      f"{d['tokens_per_sec']:,.0f} |" for d in r["speed"]]
+        lines.append("")
+    env = results["environment"]
+    lines.append(f"({env['device']}, torch {env['torch']}, commit {env['commit']}, data {results['data_dir']}.)")
+    return "\n".join(lines) + "\n"
+
+
+def adaptive_plot(results, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in results["models"][:1]:
+        fixed = [(int(T), L) for T, L in r["fixed"].items()]
+        sim = r["simulated"]
+        ax = axes[0]
+        ax.plot(*zip(*fixed), "o-", color="k", label="fixed T")
+        ax.plot([a["mean_loops"] for a in r["adaptive"]], [a["loss"] for a in r["adaptive"]], "s-", color="C0",
+                label="adaptive exit (state change)")
+        for a in r["adaptive"]:
+            ax.annotate(f"{a['threshold']:g}", (a["mean_loops"], a["loss"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.axhline(r["claim"]["target_loss"], color="gray", ls=":", lw=0.8, label="fixed T = μ_rec + 0.01")
+        ax.set_xlabel("mean loops per token")
+        ax2 = axes[1]
+        gf = sim["fixed_mflops"]
+        ax2.plot([gf[str(T)] for T, _ in fixed], [L for _, L in fixed], "o-", color="k", label="fixed T")
+        for k, color, name in (("state", "C0", "state change (simulated)"), ("kl", "C3", "KL (simulated)")):
+            pts = sorted((p["forward_mflops"], p["loss"]) for p in sim[k])
+            ax2.plot(*zip(*pts), "-", color=color, lw=1, label=name)
+        ax2.set_xlabel("forward MFLOPs per token")
+        for a in axes:
+            a.set_ylabel("validation loss (nats)")
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7)
+        lo = min(L for _, L in fixed)
+        for a in axes:
+            a.set_ylim(lo - 0.02, lo + 0.4)
+        fig.suptitle(f"{r['model']}: adaptive exit against fixed depth", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def markdown(results):

@@ -17,7 +17,8 @@ also launched op by op, and compiled with the fp32 weights. --profile adds a tor
 table per model (its most expensive kernels, and how much of the step the GPU was busy, from
 the profiler's trace), and two of decoding at 16 loops, with and without compiling.
 `--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
-the layout sample.bf16_weights chooses.
+the layout sample.bf16_weights chooses; `--cache_modes_only` just decoding with the full and the
+shared KV cache (sample.py --kv_cache).
 """
 
 import argparse
@@ -93,7 +94,7 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None):
     most expensive GPU kernels, and how busy the GPU was, written to that file."""
     c = model.config
     train.compile_model(model)        # as train.py does
-    optimizers = model.configure_optimizers(lr=1e-3, weight_decay=0.2, device_type="cuda")
+    optimizers = train.configure_optimizers(model, lr=1e-3, weight_decay=0.2, device_type="cuda")
     torch.manual_seed(0)
     data = torch.randint(0, c.vocab_size, (accum, batch_size, c.block_size + 1), device="cuda")
 
@@ -213,22 +214,23 @@ def time_weight_layouts(d, batch_size=1, calls=400):
     return results
 
 
-def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256):
+def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256, shared_cache=False):
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        sample.generate(model, prompt, 32, loops=loops, cuda_graph=cuda_graph)         # warm-up
+        sample.generate(model, prompt, 32, loops=loops, cuda_graph=cuda_graph, shared_cache=shared_cache)   # warm-up
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        sample.generate(model, prompt, new_tokens, loops=loops, cuda_graph=cuda_graph)
+        sample.generate(model, prompt, new_tokens, loops=loops, cuda_graph=cuda_graph, shared_cache=shared_cache)
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     c = model.config
-    slots = c.n_prelude + loops * c.n_core + c.n_coda
+    slots = c.n_prelude + (1 if shared_cache else loops) * c.n_core + c.n_coda
     cache_bytes = 2 * slots * batch_size * c.n_embd * c.block_size * 2      # k and v, bf16, the whole window
     return {"loops": loops, "batch_size": batch_size, "cuda_graph": cuda_graph,
+            "kv_cache": "shared" if shared_cache else "full",
             "new_tokens_per_sec": batch_size * new_tokens / dt, "ms_per_token": 1000 * dt / new_tokens,
             "kv_cache_gb": cache_bytes / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
             "extra_mem_gb": (torch.cuda.max_memory_allocated() - base) / 1e9}
@@ -270,14 +272,17 @@ def main():
                         help="also write a torch.profiler kernel table per model to profiles/ beside --out")
     parser.add_argument("--skip_training", action="store_true", help="time generation only")
     parser.add_argument("--skip_generation", action="store_true", help="time training only")
+    parser.add_argument("--cache_modes_only", action="store_true", help="only time decoding with the full and the "
+                        "shared KV cache at 1, 8 and 16 loops (CUDA graph, not compiled; default --out: "
+                        "bench/results/throughput_cache)")
     parser.add_argument("--layouts_only", action="store_true", help="only time one token's matmuls by row-major "
                         "and column-major bf16 weights (default --out: bench/results/throughput_layouts)")
     parser.add_argument("--flops_ratio_only", action="store_true", help="only print, for each Parcae model, the "
                         "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
     parser.add_argument("--out", help="the results' path without .json / .md (default: bench/results/throughput)")
     args = parser.parse_args()
-    args.out = args.out or os.path.join(ROOT, "bench", "results",
-                                        "throughput_layouts" if args.layouts_only else "throughput")
+    default = "throughput_layouts" if args.layouts_only else "throughput_cache" if args.cache_modes_only else "throughput"
+    args.out = args.out or os.path.join(ROOT, "bench", "results", default)
     if args.flops_ratio_only:
         for name in [m for m in args.models if m.startswith("parcae")]:
             model, settings = build(name, args.vocab_size, device="cpu")
@@ -327,7 +332,20 @@ def main():
     if args.layouts_only:
         results["weight_layouts"] = time_weight_layouts(1024, 1) + time_weight_layouts(1024, 8)
         save()
-    if not args.skip_generation and not args.layouts_only:
+    if args.cache_modes_only:
+        model, _ = build("parcae_350m", args.vocab_size)
+        sample.bf16_weights(model)
+        for shared in (False, True):
+            for loops in (1, 8, 16):
+                for batch_size in (1, 8):
+                    g = time_generation(model, loops, batch_size, shared_cache=shared)
+                    g["compiled"], g["weights"] = False, "bfloat16"
+                    results["generation"].append(g)
+                    save()
+                    print(f"generate parcae_350m {g['kv_cache']} cache loops={loops:2d} batch={batch_size}: "
+                          f"{g['new_tokens_per_sec']:8.1f} tok/s  cache {g['kv_cache_gb']:.2f} GB  "
+                          f"peak {g['peak_mem_gb']:.1f} GB", flush=True)
+    if not args.skip_generation and not args.layouts_only and not args.cache_modes_only:
         profiles = os.path.join(os.path.dirname(args.out), "profiles")
 
         def measure(model, loops, batch_size, graph, compiled):
@@ -402,6 +420,7 @@ def markdown(results):
                   "|---|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
+            mode += ", shared cache" if g.get("kv_cache") == "shared" else ""
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
                          f"{g['new_tokens_per_sec']:,.0f} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")

@@ -214,6 +214,31 @@ def test_loops_evaluates_every_depth_and_fits_the_curve(bench):
     assert "| parcae |" in (bench["results"] / "loops.md").read_text()
 
 
+def test_loops_adaptive_measures_exit_against_fixed_depth_on_the_same_batches(bench):
+    checkpoint = bench["loops"]["models"][0]["checkpoint"]
+    result = loops.main(bench["args"] + ["--adaptive", "--checkpoints", checkpoint, "--cap", "4",
+                                         "--thresholds", "0.3", "0.05", "0", "--decode_batches", "1"])
+    r = result["models"][0]
+    preset = common.PRESETS["tiny"]
+    assert r["cap"] == 4 and sorted(map(int, r["fixed"])) == [1, 2, 3, 4]
+    # the same function on the same batches as the plain loops bench: the same number
+    assert r["fixed"][str(preset["mean_loops"])] == bench["loops"]["models"][0]["losses"][str(preset["mean_loops"])]
+    by_eps = {a["threshold"]: a for a in r["adaptive"]}
+    assert by_eps[0.0]["mean_loops"] == 4 and 1 <= by_eps[0.3]["mean_loops"] <= by_eps[0.05]["mean_loops"] <= 4
+    # ε = 0 is the fixed cap computed through the cache: the two differ only in how attention sums
+    # (a masked window of 32 keys vs the causal kernel), a few fp32 roundings per layer, ~1e-6 of a
+    # loss of ~3 over a handful of layer applications; 1e-4 leaves a wide margin
+    assert by_eps[0.0]["loss"] == pytest.approx(r["fixed"]["4"], abs=1e-4)
+    for criterion in ("state", "kl"):      # a lower threshold never exits earlier
+        points = sorted(r["simulated"][criterion], key=lambda p: -p["threshold"])
+        assert all(1 <= p["mean_loops"] <= 4 for p in points)
+        assert all(a["mean_loops"] <= b["mean_loops"] for a, b in zip(points, points[1:]))
+    assert {(d["loops"], d["shared"]) for d in r["decoding"]} == {(2, False), (2, True), (4, False), (4, True)}
+    assert all(math.isfinite(d["loss"]) for d in r["decoding"])
+    assert "Claim: " in (bench["results"] / "adaptive.md").read_text()
+    assert (bench["results"] / "adaptive.png").stat().st_size > 1000
+
+
 def test_a_dry_run_prints_the_commands_and_trains_nothing(data_dir, tmp_path, capsys):
     stability.main(["--data_dir", data_dir, "--preset", "tiny", "--work_dir", str(tmp_path / "work"),
                     "--results_dir", str(tmp_path / "results"), "--dry_run", "--set", "batch_size=8"])

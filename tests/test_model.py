@@ -11,7 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.throughput import MaskedLoopGPT
 from conftest import ROOT, U, reordering_bound, tiny, tokens
-from model import GPT, GPTConfig, Muon, ParcaeInjection, apply_rotary, rotary_tables
+from model import GPT, GPTConfig, ParcaeInjection, apply_rotary, rotary_tables
+from sample import KVCache
+from train import Muon, configure_optimizers
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
 
@@ -238,7 +240,7 @@ def test_stability_stats_report_state_norm_residual_and_A_bar():
 
 def decode_with_cache(model, x, loops, prefill=6):
     """The logits of x from a new cache: the first `prefill` tokens in one forward, then one at a time."""
-    cache = model.new_cache(batch_size=len(x), loops=loops)
+    cache = KVCache(model, batch_size=len(x), loops=loops)
     parts = [model(x[:, :prefill], loops=loops, cache=cache)[0]]
     parts += [model(x[:, i:i + 1], loops=loops, cache=cache)[0] for i in range(prefill, x.size(1))]
     return torch.cat(parts, dim=1), cache
@@ -263,7 +265,7 @@ def test_the_cache_keeps_its_memory_fills_in_chunks_and_refuses_to_overflow():
     are updated in place), and the host-side length follows the positions written."""
     model = tiny(init_state="zero", block_size=16).eval()
     x = tokens(B=2, L=16)[:, :-1]
-    cache = model.new_cache(batch_size=2, loops=3)
+    cache = KVCache(model, batch_size=2, loops=3)
     with torch.no_grad():
         full, _ = model(x, loops=3)
         buffers = [t.data_ptr() for t in (*cache.k, *cache.v, cache.pos)]
@@ -288,7 +290,7 @@ def test_the_cache_stores_what_the_model_computes_in():
     it away. Such a flip in one of the 6 layer applications (prelude, 2 loops of 2 core blocks, coda)
     or in the logits moves a logit by up to about 2^-7 of the logits' scale."""
     model = tiny(init_state="zero").eval()
-    assert model.new_cache(batch_size=1, loops=2).k[0].dtype == torch.float32
+    assert KVCache(model, batch_size=1, loops=2).k[0].dtype == torch.float32
     x = tokens(B=2, L=10)[:, :-1]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         full, _ = model(x, loops=2)
@@ -306,7 +308,7 @@ def test_the_cache_stores_what_the_model_computes_in():
 @pytest.mark.parametrize("injection", INJECTIONS)
 def test_every_variant_trains_a_step(injection):
     model = tiny(injection).train()
-    optimizers = model.configure_optimizers(lr=1e-2, weight_decay=0.2, device_type="cpu")
+    optimizers = configure_optimizers(model, lr=1e-2, weight_decay=0.2, device_type="cpu")
     x = tokens(B=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, loss = model(x[:, :-1], x[:, 1:])
@@ -320,7 +322,7 @@ def test_every_variant_trains_a_step(injection):
 
 def test_optimizer_groups_muon_for_block_matrices_adamw_for_the_rest():
     model = tiny()
-    muon, adamw = model.configure_optimizers(lr=8e-3, weight_decay=0.2, device_type="cpu")
+    muon, adamw = configure_optimizers(model, lr=8e-3, weight_decay=0.2, device_type="cpu")
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     adam_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
@@ -450,7 +452,7 @@ def test_bad_depths_are_refused_instead_of_silently_ignored():
     with pytest.raises(ValueError, match="at least 1"):
         model(x, loops=0)
     with pytest.raises(ValueError, match="same number of loops"):
-        model(x, depths=torch.tensor([1, 2, 3]), cache=model.new_cache(3, loops=3))
+        model(x, depths=torch.tensor([1, 2, 3]), cache=KVCache(model, 3, loops=3))
 
 
 def test_readme_line_pointers_name_what_is_on_those_lines():

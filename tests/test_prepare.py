@@ -223,7 +223,7 @@ def refused_url():
     (dict(inputs=["EMPTY"]), "no text files in .*; pass UTF-8 text files or folders that contain some"),
     (dict(inputs=["no/such/path"]), "no/such/path is not a file or folder; check the --input path"),
     (dict(source="stdlib", inputs=["EMPTY"]), "give either --source or --input, not both"),
-    (dict(source="fineweb-edu", tokenizer="char"), "fineweb-edu is gpt2 only"),
+    (dict(source="fineweb-edu", tokenizer="char"), "fineweb-edu is not for the char tokenizer"),
     (dict(source="shakespeare", url="REFUSED"),
      "could not download .*refused.*; connect to the internet, or pass --input with a local copy"),
 ])

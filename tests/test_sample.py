@@ -9,7 +9,7 @@ import torch
 import train
 from conftest import ROOT, TINY, tiny, tokens, write_char_data
 import sample as sample_py
-from sample import bf16_weights, generate
+from sample import KVCache, bf16_weights, generate
 
 pytest.importorskip("prepare", reason="sample.py decodes with prepare.load_tokenizer")
 
@@ -142,3 +142,113 @@ def test_bf16_weights_change_nothing_under_bf16_autocast():
     fc = model.core[0].mlp.fc
     assert fc.weight.shape == (fc.out_features, fc.in_features) and fc.weight.stride() == (1, fc.out_features)
     assert model.injection.A_log.dtype == model.norm_f.weight.dtype == model.wte.weight.dtype == torch.float32
+
+# -----------------------------------------------------------------------------
+# per-token adaptive exit, and the shared cache
+#
+# These run in fp64 with h_0 = 0, so that two ways of computing the same thing differ by ~1e-15
+# relative. An exit decision could only differ if a token's state change lay that close to the
+# threshold; decisions_are_robust() checks that none lies within 1e-9 of it, so the decisions, hence
+# the loops per token, must be identical.
+
+
+def fp64_model(**kw):
+    return tiny(init_state="zero", **kw).double().eval()
+
+
+def decisions_are_robust(model, x, loops, eps):
+    """The same exits at eps·(1 ± 1e-9): no token's change comes within 1e-9 (relative) of eps."""
+    used = [adaptive_decode(model, x, loops, eps * f, prefill=x.size(1))[1] for f in (1 - 1e-9, 1, 1 + 1e-9)]
+    return torch.equal(used[0], used[1]) and torch.equal(used[1], used[2])
+
+
+def adaptive_decode(model, x, loops, eps, shared=False, prefill=1):
+    """Logits and loops per token of x through a new cache: `prefill` tokens at once, then one at a time."""
+    cache = KVCache(model, len(x), loops, shared=shared)
+    logits, used = [], []
+    with torch.no_grad():
+        for a, b in [(0, prefill)] + [(i, i + 1) for i in range(prefill, x.size(1))]:
+            logits.append(model(x[:, a:b], loops=loops, cache=cache, exit_threshold=eps)[0])
+            used.append(model.last_state["loops_per_token"])
+    return torch.cat(logits, dim=1), torch.cat(used, dim=1), cache
+
+
+def test_the_teacher_forced_adaptive_forward_equals_adaptive_decoding_token_by_token():
+    """One forward over the whole sequence with per-token exit (what bench/loops.py --adaptive
+    measures as a validation loss) gives the logits and the exits of decoding one token at a time."""
+    model, x = fp64_model(), tokens(B=2, L=12)[:, :-1]
+    assert decisions_are_robust(model, x, 16, 0.02)
+    whole, used_whole, _ = adaptive_decode(model, x, loops=16, eps=0.02, prefill=x.size(1))
+    stepped, used_stepped, _ = adaptive_decode(model, x, loops=16, eps=0.02)
+    assert len(set(used_whole.flatten().tolist())) >= 3     # tokens really exit at different iterations
+    assert torch.equal(used_whole, used_stepped)
+    # fp64: ~1e-15 relative per operation, over a few dozen layer applications
+    torch.testing.assert_close(whole, stepped, rtol=0, atol=1e-10)
+
+
+def test_an_exited_token_keeps_its_last_keys_and_values_in_every_later_core_slot():
+    """The cache rule: a token that stops at iteration t has no keys and values of its own for the
+    iterations after t; its slots for them hold those of iteration t."""
+    model, x = fp64_model(), tokens(B=2, L=12)[:, :-1]
+    _, used, cache = adaptive_decode(model, x, loops=16, eps=0.02)
+    P, R = model.config.n_prelude, model.config.n_core
+    for b in range(2):
+        for i in range(x.size(1)):
+            t = int(used[b, i])         # iterations run: the last one is t - 1
+            for j in range(R):
+                last = P + (t - 1) * R + j
+                for r in range(t, 16):
+                    for kv in (cache.k, cache.v):
+                        assert torch.equal(kv[P + r * R + j][b, :, i], kv[last][b, :, i]), (b, i, j, r)
+                if t > 1:       # (and they differ from its first iteration's: the check is not vacuous)
+                    assert not torch.equal(cache.k[P + j][b, :, i], cache.k[last][b, :, i])
+
+
+def test_exit_threshold_0_gives_exactly_the_tokens_of_the_cap():
+    model, prompt = fp64_model(block_size=16), tokens(B=2, L=5)[:, :-1]
+    stats = {}
+    adaptive = generate(model, prompt, 20, loops=6, top_k=1, exit_threshold=0.0, stats=stats)
+    assert torch.equal(adaptive, generate(model, prompt, 20, loops=6, top_k=1))
+    assert (stats["loops_per_token"] == 6).all() and stats["loops_per_token"].shape == (2, 20)
+
+
+def test_a_threshold_so_large_that_every_token_exits_after_one_loop_equals_one_loop():
+    model, prompt = fp64_model(block_size=16), tokens(B=2, L=5)[:, :-1]
+    stats = {}
+    adaptive = generate(model, prompt, 20, loops=6, top_k=1, exit_threshold=float("inf"), stats=stats)
+    assert torch.equal(adaptive, generate(model, prompt, 20, loops=1, top_k=1))
+    assert (stats["loops_per_token"] == 1).all()
+
+
+def test_rows_that_exit_at_different_iterations_give_the_tokens_each_row_gives_alone():
+    model = fp64_model(block_size=32)
+    prompt = tokens(B=2, L=6)[:, :-1]
+    stats = {}
+    together = generate(model, prompt, 12, loops=16, top_k=1, exit_threshold=0.02, stats=stats)
+    assert not torch.equal(stats["loops_per_token"][0], stats["loops_per_token"][1])
+    assert decisions_are_robust(model, together[:, :-1], 16, 0.02)
+    for b in range(2):
+        alone = generate(model, prompt[b:b + 1], 12, loops=16, top_k=1, exit_threshold=0.02)
+        assert torch.equal(alone[0], together[b])
+
+
+def test_the_shared_cache_at_one_loop_is_the_full_cache_and_its_memory_does_not_grow_with_loops():
+    model, x = fp64_model(), tokens(B=2, L=10)[:, :-1]
+    full, _, _ = adaptive_decode(model, x, loops=1, eps=0.0)
+    shared, _, _ = adaptive_decode(model, x, loops=1, eps=0.0, shared=True)
+    assert torch.equal(full, shared)
+    c = model.config
+    for loops in (1, 8, 16):
+        assert len(KVCache(model, 1, loops, shared=True).k) == c.n_prelude + c.n_core + c.n_coda
+        assert len(KVCache(model, 1, loops).k) == c.n_prelude + loops * c.n_core + c.n_coda
+
+
+def test_per_token_exit_needs_a_cache_and_a_looped_model(out_dir):
+    model, x = fp64_model(), tokens(B=1, L=4)[:, :-1]
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        model(x, loops=4, exit_threshold=0.1)
+    run = sample(f"--out_dir={out_dir}", "--loops=8", "--exit_threshold=0.05", "--kv_cache=shared",
+                 "--start", "def f(", "--num_samples=2", "--max_new_tokens=10")
+    assert run.returncode == 0, run.stderr
+    mean = float(run.stdout.split("adaptive exit at 0.05: ")[1].split(" loops per token")[0])
+    assert 1 <= mean <= 8
