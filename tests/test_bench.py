@@ -4,6 +4,7 @@ they launch real train.py runs and write well-formed JSON, Markdown and PNG file
 their two pieces of arithmetic: the spike counter and the exponential fit of L(T).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -119,25 +120,31 @@ def data_dir(tmp_path_factory):
     return str(folder)
 
 
+@contextlib.contextmanager
+def one_cpu_thread():
+    """The train.py runs (common.run_all leaves OMP_NUM_THREADS as it is) and this process on one CPU
+    thread: a matmul's rounding depends on how many threads split its sums, so this way an evaluation
+    here of a run's checkpoint computes the run's own numbers, to the last bit."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bench(data_dir, tmp_path_factory):
-    """Runs the three scripts once, in order, as a user would; returns their folders and results.
-    The train.py runs and loops.py's evaluation each get one CPU thread, so that loops.py computes
-    the runs' own final validation losses to the last bit (a matmul's rounding depends on how many
-    threads split its sums)."""
+    """Runs the three scripts once, in order, as a user would; returns their folders and results."""
     root = tmp_path_factory.mktemp("bench")
     common_args = ["--data_dir", data_dir, "--preset", "tiny", "--work_dir", str(root / "work"),
                    "--results_dir", str(root / "results"), "--parallel", "2"]
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("OMP_NUM_THREADS", "1")       # for the runs (common.run_all leaves it as it is)
-        torch.set_num_threads(1)               # for loops.py, in this process
-        try:
-            sweep = stability.main(common_args + ["--models", *SWEEP_MODELS, "--rates", *map(str, RATES)])
-            qual = quality.main(common_args + ["--models", *QUALITY_MODELS, "--reuse_sweep"])
-            depth = loops.main(common_args)
-        finally:
-            torch.set_num_threads(threads)
+    with one_cpu_thread():
+        sweep = stability.main(common_args + ["--models", *SWEEP_MODELS, "--rates", *map(str, RATES)])
+        qual = quality.main(common_args + ["--models", *QUALITY_MODELS, "--reuse_sweep"])
+        depth = loops.main(common_args)
     return {"args": common_args, "results": root / "results", "work": root / "work",
             "stability": sweep, "quality": qual, "loops": depth}
 
@@ -216,8 +223,9 @@ def test_loops_evaluates_every_depth_and_fits_the_curve(bench):
 
 def test_loops_adaptive_measures_exit_against_fixed_depth_on_the_same_batches(bench):
     checkpoint = bench["loops"]["models"][0]["checkpoint"]
-    result = loops.main(bench["args"] + ["--adaptive", "--checkpoints", checkpoint, "--cap", "4",
-                                         "--thresholds", "0.3", "0.05", "0", "--decode_batches", "1"])
+    with one_cpu_thread():      # as the plain loops bench ran
+        result = loops.main(bench["args"] + ["--adaptive", "--checkpoints", checkpoint, "--cap", "4",
+                                             "--thresholds", "0.3", "0.05", "0", "--decode_batches", "1"])
     r = result["models"][0]
     preset = common.PRESETS["tiny"]
     assert r["cap"] == 4 and sorted(map(int, r["fixed"])) == [1, 2, 3, 4]
