@@ -208,9 +208,10 @@ def read_metrics(out_dir):
 
 def environment():
     """Where the numbers were made: GPU (or CPU), PyTorch, and the git commit when there is one."""
+    commit = os.environ.get("PARCAE_COMMIT")     # where the checkout has no (or a stale) .git, say which commit
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                          text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

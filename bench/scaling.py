@@ -50,7 +50,9 @@ Fits, numpy only.
               rises (Z ≤ 0), is left out.
 
 Runs resume one by one (common.run_all): a run that ended with the same settings is not trained again,
-so the sweep can span several calls, and --part K/N trains the K-th of N parts of about equal FLOPs.
+so the sweep can span several calls, and --part K/N trains the K-th of N parts of about equal FLOPs. A run
+that --results_dir's scaling.json records as finished (with the same settings) is not trained again
+either: the sweep continues on a fresh machine that has lost the run folders.
 Each call ends with the report of every finished run of the sweep, whichever part trained it:
 scaling.json, scaling.md, scaling_isoflop.png, scaling_laws.png and scaling_testtime.png in
 --results_dir. The time estimate divides the FLOPs (training and both evaluations) by the preset's
@@ -58,6 +60,7 @@ flops_per_sec, the aggregate rate of all runs on one GPU; each call prints the r
 """
 
 import hashlib
+import json
 import math
 import os
 import shlex
@@ -113,14 +116,16 @@ def main(argv=None):
     part, n_parts = parse_part(args.part)
 
     runs = plan(args, scaling)
+    args.ledger = ledger(args.results_dir)
     mine = split(runs, n_parts)[part - 1]
     print_plan(runs, mine, args, scaling["flops_per_sec"])
     if args.dry_run:
         return None
     if not args.report_only:
-        todo = [r for r in mine if not ended(r)]
+        todo = [r for r in mine if not ended(r, args.ledger)]
         t0 = time.time()
-        common.run_all([(r["name"], r["settings"]) for r in mine], args.parallel, args.gpus)
+        common.run_all([(r["name"], r["settings"]) for r in mine if key(r) not in args.ledger], args.parallel,
+                       args.gpus)
         if todo:
             work, seconds = sum(r["flops"] + r["eval_flops"] for r in todo), time.time() - t0
             print(f"trained {len(todo)} runs, {work:.3g} FLOPs with evaluation, in {seconds:.0f} s: "
@@ -210,10 +215,23 @@ def split(runs, n):
     return parts
 
 
-def ended(run):
-    """Whether common.run_all would skip the run: it ended earlier with the same settings."""
+def key(run):
+    return json.dumps(run["settings"], sort_keys=True)
+
+
+def ledger(results_dir):
+    """The finished runs that an earlier call recorded in --results_dir's scaling.json, by their settings. A
+    GPU machine may not keep the run folders from one call to the next: the sweep then continues from this
+    record instead of training those runs again (their checkpoints are not in it, their results are)."""
+    earlier = common.read_json(os.path.join(results_dir, "scaling.json")) or {}
+    return {key(r): r for r in earlier.get("runs", []) if r["status"] == "finished"}
+
+
+def ended(run, recorded=()):
+    """Whether the run needs no training: common.run_all would skip it, or an earlier call recorded it."""
     done = common.run_status(run["settings"]["out_dir"])
-    return bool(done) and done["settings"] == run["settings"] and done["status"] in ("finished", "diverged")
+    return (bool(done) and done["settings"] == run["settings"] and done["status"] in ("finished", "diverged")
+            or key(run) in recorded)
 
 
 def print_plan(runs, mine, args, flops_per_sec):
@@ -226,8 +244,8 @@ def print_plan(runs, mine, args, flops_per_sec):
         print(f"  {r['name']:<26} {r['mu_bwd'] or '–':>5} {r['flops_per_token']:>11.4g} "
               f"{common.fmt_tokens(r['tokens']):>7} {r['settings']['max_iters']:>6} {r['tokens'] / train_tokens:>6.2f} "
               f"{r['flops']:>11.3g} {r['eval_flops']:>10.3g} {(r['flops'] + r['eval_flops']) / flops_per_sec:>6.0f}  "
-              f"{'done' if ended(r) else 'to train'}")
-    todo = [r for r in mine if not ended(r)]
+              f"{'done' if ended(r, args.ledger) else 'to train'}")
+    todo = [r for r in mine if not ended(r, args.ledger)]
     work = sum(r["flops"] + r["eval_flops"] for r in todo)
     waves = math.ceil(len(todo) / (args.parallel * len(args.gpus)))
     print(f"  to train: {len(todo)} runs, {work:.3g} FLOPs ({sum(r['eval_flops'] for r in todo):.3g} of them "
@@ -250,8 +268,8 @@ def collect(args, runs, argv):
            "backprop_loops": "ceil(mean_loops / 2)",
            "flops_per_token": "expected training matmul FLOPs per token over T = max(1, Poisson(mean_loops)), "
                               "head and causal attention included (bench/scaling.py expected_flops_per_token)",
-           "runs": [run_result(r, args.meta["train_tokens"], common.meta_model(r["settings"], vocab).num_params())
-                    for r in runs]}
+           "runs": [run_result(r, args.meta["train_tokens"], common.meta_model(r["settings"], vocab).num_params(),
+                               args.ledger.get(key(r))) for r in runs]}
     done = [r for r in out["runs"] if r["model"] == "parcae" and r["val_loss"] is not None]
     flops_at = interpolate_flops({r["mu"]: r["flops_per_token"] for r in out["runs"] if r["mu"]})
     points = {C: [(r["mu"], r["val_loss"]) for r in done if r["budget"] == C] for C in args.budgets}
@@ -284,9 +302,11 @@ def corpus(data_dir, meta):
     return out
 
 
-def run_result(run, train_tokens, params):
+def run_result(run, train_tokens, params, recorded=None):
     s = run["settings"]
     summary = common.summarize(s["out_dir"], s)
+    if summary["status"] != "finished" and recorded:        # trained in an earlier call, on another machine
+        return recorded
     _, evals, _ = common.read_metrics(s["out_dir"])
     losses = evals[-1]["val_loss"] if summary["status"] == "finished" else {}
     finite = sorted((int(T), L) for T, L in losses.items() if L is not None)

@@ -320,7 +320,7 @@ def main():
             f.write(markdown(results))
 
     # the most important measurements first
-    if not args.skip_training and not args.layouts_only:
+    if not args.skip_training and not args.layouts_only and not args.cache_modes_only:
         for size in [m.split("_")[-1] for m in args.models if m.startswith("parcae")]:
             run(f"parcae_{size}", f"parcae_{size}")
             run(f"parcae_{size} (masked loop)", f"parcae_{size}", MaskedLoopGPT)

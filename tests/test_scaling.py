@@ -230,11 +230,27 @@ def test_a_second_call_trains_nothing_and_reports_the_same(sweep, capsys):
     capsys.readouterr()
     again = scaling.main(sweep["args"])
     out = capsys.readouterr().out
-    assert out.count("earlier, skipped") == len(again["runs"]) and "[1/" not in out
+    assert "to train: 0 runs" in out and "[1/" not in out
     assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in sweep["results"]["runs"]]
     assert again["laws"] == sweep["results"]["laws"]
     report = scaling.main(sweep["args"] + ["--report_only"])
     assert report["isoflop"] == sweep["results"]["isoflop"]
+
+
+def test_a_fresh_machine_continues_the_sweep_from_its_scaling_json(sweep, capsys):
+    """With the run folders gone (a new GPU machine), the results file still says which runs finished:
+    none trains again, and the report is the same."""
+    aside = sweep["work"].with_name("work-aside")
+    sweep["work"].rename(aside)
+    try:
+        capsys.readouterr()
+        again = scaling.main(sweep["args"])
+        out = capsys.readouterr().out
+        assert "[1/" not in out and "to train: 0 runs" in out and not sweep["work"].exists()
+        assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in sweep["results"]["runs"]]
+        assert again["isoflop"] == sweep["results"]["isoflop"] and again["laws"] == sweep["results"]["laws"]
+    finally:
+        aside.rename(sweep["work"])
 
 
 def test_a_dry_run_prints_the_plan_of_its_part_and_trains_nothing(data_dir, tmp_path, capsys):
