@@ -17,6 +17,7 @@ JSON object per log line, for scripts and plots). PARCAE.md section 5 is the rec
 import ast
 import builtins
 import difflib
+import inspect
 import json
 import math
 import os
@@ -214,6 +215,28 @@ class Muon(torch.optim.Optimizer):
 # data, schedules, evaluation, checkpoints
 
 
+def load_tokens(path, block_size, vocab_size):
+    """A token file as a read-only uint16 memmap, or a clear error if it cannot be one we train on."""
+    size = os.path.getsize(path)
+    if size % 2:
+        raise SystemExit(f"{path} is {size:,} bytes, not a whole number of 2-byte tokens: it is truncated; "
+                         "copy it again, or remake the data with `python prepare.py`")
+    if size // 2 <= block_size:
+        raise SystemExit(f"{path} holds {size // 2:,} tokens; training needs more than block_size={block_size}")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    # Token ids must fit the vocabulary (else an IndexError at the first forward). We check the largest
+    # id of 64 evenly spread stretches, 2^24 tokens in all (the whole file if it is smaller; ~30 ms):
+    # data from another tokenizer has too-large ids all through it (of GPT-2's tokens, 2 % are ≥ 32,768
+    # and 1 in 7,000 is ≥ 50,000), so a sample this size finds thousands of them.
+    n = 2**18
+    starts = np.linspace(0, max(0, len(data) - n), 64).astype(np.int64)
+    largest = max(int(data[s:s + n].max()) for s in starts)
+    if largest >= vocab_size:
+        raise SystemExit(f"{path} holds token id {largest}, but its meta.json says vocab_size={vocab_size}: the data "
+                         "and meta.json come from different tokenizers; remake them together with `python prepare.py`")
+    return data
+
+
 def get_batch(data, split, step, micro, cfg, device):
     """
     Micro-batch number `micro` (counted over all ranks) of `step`. Everything random about
@@ -244,19 +267,23 @@ def lr_at(step, cfg):
 
 @torch.no_grad()
 def evaluate(model, data, cfg, rank, world, device, autocast):
-    """Mean validation loss at each of eval_loops; the same eval_iters batches every time."""
+    """
+    Mean validation loss at each of eval_loops; the same eval_iters batches every time. Each rank
+    writes the losses of its batches into a vector of zeros and the sum over the ranks collects them
+    (adding zeros is exact), so the mean adds the same numbers in the same order on any number of ranks.
+    """
     model.eval()
     losses = {}
     for loops in (cfg.eval_loops if model.config.looped else [1]):
-        total = torch.zeros(2, device=device)   # sum of losses, number of batches
+        batch_losses = torch.zeros(cfg.eval_iters, device=device)
         for i in range(rank, cfg.eval_iters, world):
             x, y = get_batch(data, 1, i, 0, cfg, device)
             with autocast:
                 _, loss = model(x, y, loops=loops)
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
+            batch_losses[i] = loss.float()
         if world > 1:
-            dist.all_reduce(total)
-        losses[str(loops)] = (total[0] / total[1]).item()
+            dist.all_reduce(batch_losses)
+        losses[str(loops)] = batch_losses.mean().item()
     model.train()
     return losses
 
@@ -387,10 +414,8 @@ def train(cfg, rank, world, device):
                              "`python prepare.py` (`python prepare.py --help` lists the sources)")
     with open(os.path.join(cfg.data_dir, "meta.json")) as f:
         meta = json.load(f)
-    train_data, val_data = (np.memmap(os.path.join(cfg.data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
+    train_data, val_data = (load_tokens(os.path.join(cfg.data_dir, f"{s}.bin"), cfg.block_size, meta["vocab_size"])
                             for s in ("train", "val"))
-    if min(len(train_data), len(val_data)) <= cfg.block_size:
-        raise SystemExit(f"{cfg.data_dir}: train.bin and val.bin need more than block_size={cfg.block_size} tokens")
 
     # model, optimizers, and the checkpoint to resume from
     config = model_config(vars(cfg), meta["vocab_size"])
@@ -437,8 +462,12 @@ def train(cfg, rank, world, device):
     if use_compile:
         compile_model(raw_model)
     if world > 1:
-        # the rotary tables are constants: no need to broadcast buffers before every forward
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        # the rotary tables are constants: no need to sync buffers before every forward. torch 2.13
+        # renamed broadcast_buffers (now a FutureWarning on every rank) to forward_sync_buffers;
+        # torch 2.11 knows only the old name
+        new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                    **{"forward_sync_buffers" if new_name else "broadcast_buffers": False})
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)

@@ -10,7 +10,8 @@ with the same global batch (batch_size × grad_accum_steps sequences, split amon
 then reports tokens/s per GPU, the scaling efficiency against one GPU, peak memory and how
 far the loss curves of the different GPU counts are apart. Every micro-batch's windows and
 depth draws depend only on (seed, step, micro-batch index over all ranks), so the curves
-should agree up to the order of floating-point sums. Last, it resumes the largest run's
+agree: exactly on a CPU, and on GPUs up to the order of floating-point sums (the reduction over
+the GPUs, kernels that accumulate atomically). Last, it resumes the largest run's
 checkpoint on one GPU and trains a few more steps, to show a checkpoint moves between GPU
 counts. Writes bench/results/ddp.json and ddp.md. NVLink multicast stays off
 (NCCL_NVLS_ENABLE=0).
@@ -38,8 +39,12 @@ def torchrun(n_gpus, model, out_dir, args, extra=()):
            f"--batch_size={args.batch_size}", f"--grad_accum_steps={args.micro_steps}",
            f"--eval_interval={args.steps}", "--eval_iters=8", "--eval_loops=[8]", "--log_interval=5", f"--device={args.device}",
            *(f"--{kv}" for kv in args.set), *extra]
+    # CPU threads per process: on a CPU (--device cpu), the same number in every run, that of the largest.
+    # A CPU matmul's rounding depends on how many threads split its sums, so only then do 1 and N
+    # processes compute the same numbers, and their losses agree to the last bit
+    threads = (os.cpu_count() or 2) // (max(args.gpus) if args.device == "cpu" else n_gpus)
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n_gpus))}
+           "OMP_NUM_THREADS": str(max(1, threads))}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "log.txt"), "w") as log:
         result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny char-level dataset written to a temp folder, a tiny model's settings,
 and a tiny random model with random tokens for it."""
 import json
+import math
 import os
 import sys
 
@@ -48,6 +49,23 @@ def tiny_args(tmp_path, tiny_data):
         settings = {**TINY, "data_dir": str(tiny_data), "out_dir": str(tmp_path / "out"), **overrides}
         return [f"--{k}={v!r}" for k, v in settings.items()]
     return args
+
+
+# Tolerances: each comparison of floating-point results in these tests is either exact by construction
+# or bounded by what rounding can do. U is fp32's unit roundoff: one rounding moves a value by at most
+# U of itself.
+U = 2.0 ** -24
+
+
+def reordering_bound(n, layers):
+    """How far apart, relative to their scale, two fp32 computations of the same values can land when
+    they add sums of n terms in other orders (another kernel: a fused, a batched or a one-row one),
+    through `layers` such sums in a row. Each rounding of a partial sum moves it by at most U of itself;
+    over n terms the errors go up as often as down and add like a random walk, to about √n·U of the
+    sum (the worst case, all in one direction, is n·U; Higham & Mary 2019 make this precise). We allow
+    5 standard deviations per sum, and one sum per layer: a normalised layer passes on a relative error
+    about as it gets it."""
+    return 5 * math.sqrt(n) * U * layers
 
 
 def tiny(injection="parcae", **kw):

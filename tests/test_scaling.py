@@ -54,6 +54,11 @@ def test_the_transformer_costs_its_nominal_flops():
 
 # -----------------------------------------------------------------------------
 # the fits, on synthetic isoFLOP curves with known laws
+#
+# They run in float64 on exact data: least squares over 4-7 points, well conditioned (ln μ in [0, 2.8]),
+# a few dozen operations of 2^-53 ≈ 1e-16 each, so rounding moves a result by ~1e-13 at most. The
+# tolerances 1e-9 and 1e-12 sit far above that and far below any wrong exponent; loops.fit_exponential's
+# scan is coarser, and its tolerances say why.
 
 BUDGETS = [1e14, 3.16e14, 1e15, 3.16e15]
 MUS = [1, 2, 4, 6, 8, 12, 16]
@@ -89,7 +94,7 @@ def test_the_fits_recover_the_exponents_of_noise_free_curves():
     L = laws["L_star"]
     assert L["alpha"] == pytest.approx(ALPHA_TRUE, rel=1e-5)
     assert L["E"] == pytest.approx(E_TRUE, abs=1e-5)
-    assert L["A"] == pytest.approx(2 * 1e14 ** ALPHA_TRUE, rel=1e-4)
+    assert L["A"] == pytest.approx(2 * 1e14 ** ALPHA_TRUE, rel=1e-4)     # A·C^(-α): ln(1e14) ≈ 32 times α's error
 
 
 def test_the_bootstrap_intervals_contain_the_true_exponents_of_noisy_curves():
@@ -110,6 +115,7 @@ def test_a_minimum_outside_the_swept_range_gives_no_mu_star():
     """A loss that falls all the way to the deepest μ has no vertex inside: the budget says where its lowest
     loss is and stays out of the μ* law."""
     f = scaling.fit_budget(1e15, [(mu, 3 - 0.1 * math.log(mu) + 0.001 * math.log(mu) ** 2) for mu in MUS], FLOPS_AT)
+    # exp(ln 16), and the parabola through exactly quadratic points at its end: within rounding (1e-13)
     assert f["mu_star"] is None and f["D_star"] is None and f["edge"] == "largest" and f["mu_best"] == pytest.approx(16)
     assert f["L_star"] == pytest.approx(3 - 0.1 * math.log(16) + 0.001 * math.log(16) ** 2)
 

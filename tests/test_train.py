@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from conftest import ROOT, reordering_bound
 from model import GPT
 
 
@@ -78,9 +78,9 @@ def test_trapezoid_is_constant_then_falls_linearly_to_zero_and_cosine_ends_at_mi
     cfg = SimpleNamespace(lr=1.0, max_iters=100, warmup_iters=0, schedule="trapezoid", cooldown_frac=0.5, min_lr=0.1)
     assert [train.lr_at(s, cfg) for s in (0, 49, 50, 75, 99)] == [1.0, 1.0, 1.0, 0.5, 0.02]
     cfg.warmup_iters = 10
-    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == 1.0
+    assert train.lr_at(0, cfg) == 0.1 and train.lr_at(9, cfg) == 1.0     # 1/10, rounded once: the float 0.1
     cfg.schedule = "cosine"
-    assert train.lr_at(10, cfg) == 1.0 and train.lr_at(100, cfg) == pytest.approx(0.1)
+    assert train.lr_at(10, cfg) == 1.0 and train.lr_at(100, cfg) == 0.1   # cos(π) rounds to -1 exactly
 
 
 # -----------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_mfu_needs_a_known_gpu_and_peak_rates_match_whole_names(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert train.peak_flops("cuda") == peak
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert train.estimate_mfu(model, 1e6, "cuda") == pytest.approx(model.flops_per_token() * 1e6 / 989e12)
+    assert train.estimate_mfu(model, 1e6, "cuda") == model.flops_per_token() * 1e6 / 989e12
 
 
 def test_the_compiled_model_computes_the_same_loss_and_gradients():
@@ -114,9 +114,13 @@ def test_the_compiled_model_computes_the_same_loss_and_gradients():
         losses.append(loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters()})
     torch._dynamo.reset()
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    # The compiled kernels fuse operations and add the same ≤ 128 terms (channels, logits) in other
+    # orders. The depths drawn are 7, 5, 4, 3: the forward is 16 block applications and the head, the
+    # backward ~10 more (2 loops of 2 core blocks, the coda, the head, the prelude).
+    torch.testing.assert_close(losses[1], losses[0], rtol=reordering_bound(n=128, layers=17), atol=0)
     for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+        bound = reordering_bound(n=128, layers=27) * g.abs().max().item()
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=bound, msg=name)
 
 
 @pytest.mark.parametrize("injection", ["parcae", "none"])
@@ -124,7 +128,7 @@ def test_a_30_step_run_learns_the_pattern(tiny_args, tmp_path, injection):
     final = train.main(tiny_args(injection=injection))
     losses = train_losses(tmp_path / "out")
     assert sorted(losses) == list(range(30))
-    assert losses[29] < 0.5 * losses[0]
+    assert losses[29] < 0.5 * losses[0]     # it falls to about 2 % of it: far beyond what rounding could move
     evals = [r for r in metrics(tmp_path / "out") if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 10, 20, 30]
     assert list(final) == (["1", "2"] if injection == "parcae" else ["1"])     # the Transformer runs once
@@ -187,6 +191,29 @@ def test_asking_for_a_gpu_that_is_not_there_says_what_to_use():
 def test_missing_data_says_how_to_make_it(tiny_args, tmp_path):
     with pytest.raises(SystemExit, match="python prepare.py"):
         train.main(tiny_args(data_dir=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize("cut, message", [(1, "val.bin is 3,601 bytes, not a whole number of 2-byte tokens: "
+                                                "it is truncated; copy it again, or remake the data"),
+                                          (None, "val.bin holds 0 tokens; training needs more than block_size=32")],
+                         ids=["half a token short", "empty"])
+def test_a_truncated_token_file_is_named_before_anything_starts(tiny_args, tiny_data, tmp_path, cut, message):
+    data = (tiny_data / "val.bin").read_bytes()
+    (tiny_data / "val.bin").write_bytes(data[:-cut] if cut else b"")
+    with pytest.raises(SystemExit, match=message):
+        train.main(tiny_args())
+    assert not (tmp_path / "out").exists()
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_the_first_forward(tiny_args, tiny_data, tmp_path):
+    """A meta.json from another tokenizer: the data's largest id (the end-of-text token, 28, last in the
+    file) does not fit a vocabulary of 28."""
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    (tiny_data / "meta.json").write_text(json.dumps({**meta, "vocab_size": meta["eot_token"]}))
+    with pytest.raises(SystemExit, match="train.bin holds token id 28, but its meta.json says vocab_size=28: the "
+                                         "data and meta.json come from different tokenizers"):
+        train.main(tiny_args())
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path, monkeypatch):
@@ -252,8 +279,12 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_training_goes_on(tiny_
 def test_two_ddp_processes_train_like_one_process_with_the_same_global_batch(tiny_args, tmp_path, randomness):
     # 1 process × 2 micro-steps and 2 processes × 1 micro-step read the same windows; and since
     # the depths and h_0 are drawn from a seed of the micro-batch's number, not of the rank,
-    # even the sampled depths agree.
-    common = dict(max_iters=8, eval_interval=4, grad_accum_steps=2, **randomness)
+    # even the sampled depths agree. Every process gets one CPU thread (a matmul's rounding depends
+    # on how many threads split its sums), so each micro-batch computes the same numbers in both
+    # runs, and the losses agree to the last bit: 1 process halves each micro-batch's gradient going
+    # backward, DDP halves each rank's before adding them (×½ is exact), and a sum of two terms is the
+    # same in either order. train.evaluate sums the validation losses in one order on any number of ranks.
+    common = dict(max_iters=8, eval_interval=4, eval_iters=3, grad_accum_steps=2, **randomness)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "train.py", *tiny_args(**common, out_dir=str(tmp_path / "one"))],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -263,8 +294,9 @@ def test_two_ddp_processes_train_like_one_process_with_the_same_global_batch(tin
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     assert "on 2 process(es)" in two.stdout
+    assert "Warning" not in two.stderr, two.stderr      # no rank warns (DDP's renamed buffer-sync argument)
     single, ddp = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(ddp) == list(range(8)) and ddp[7] < ddp[0]
-    assert [ddp[s] for s in range(8)] == pytest.approx([single[s] for s in range(8)], abs=1e-5)
-    val = lambda d: [r["val_loss"]["1"] for r in metrics(d) if "val_loss" in r]
-    assert val(tmp_path / "two") == pytest.approx(val(tmp_path / "one"), abs=1e-5)
+    assert ddp == single
+    val = lambda d: [r["val_loss"] for r in metrics(d) if "val_loss" in r]
+    assert len(val(tmp_path / "two")) == 3 and val(tmp_path / "two") == val(tmp_path / "one")
