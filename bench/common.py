@@ -215,7 +215,20 @@ def environment():
     except (OSError, subprocess.SubprocessError):
         commit = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": device, "torch": torch.__version__, "commit": commit}
+    return {"device": device, "gpus": torch.cuda.device_count(), "torch": torch.__version__, "commit": commit}
+
+
+def command(script, argv):
+    """The command line that made a result (argv: the arguments, or None for this process's own)."""
+    return shlex.join(["python", os.path.relpath(script, ROOT), *(sys.argv[1:] if argv is None else argv)])
+
+
+def provenance(results):
+    """The last line of a result's Markdown: what made it, where, and at which commit."""
+    env = results["environment"]
+    where = f"{env['gpus']}× {env['device']}" if env.get("gpus") else env["device"]
+    return (f"\nMade by `{results['command']}` on {where} (torch {env['torch']}), commit {env['commit']}.\n"
+            if results.get("command") else "")
 
 
 def read_json(path):

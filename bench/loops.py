@@ -67,6 +67,7 @@ def main(argv=None):
     p.add_argument("--decode_batches", type=int, default=2, help="--adaptive: batches decoded token by token per "
                    "cache mode and depth")
     args = common.finish_args(p.parse_args(argv))
+    args.command = common.command(__file__, argv)
     if args.adaptive:
         return adaptive_main(args)
     loops = sorted(args.loops or args.preset["loops"])
@@ -81,7 +82,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this preset evaluates on cuda, and there is no GPU here (try --preset tiny)")
 
-    results = {"preset": args.preset_name, "environment": common.environment(),
+    results = {"preset": args.preset_name, "environment": common.environment(), "command": args.command,
                "data_dir": args.data_dir, "loops": loops, "batches": batches,
                "models": []}
     for label, path in checkpoints:
@@ -192,8 +193,8 @@ def adaptive_main(args):
     device = torch.device(args.overrides.get("device", args.preset["train"]["device"]))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this preset evaluates on cuda, and there is no GPU here (try --preset tiny)")
-    results = {"preset": args.preset_name, "environment": common.environment(), "data_dir": args.data_dir,
-               "batches": batches, "decode_batches": args.decode_batches, "models": []}
+    results = {"preset": args.preset_name, "environment": common.environment(), "command": args.command,
+               "data_dir": args.data_dir, "batches": batches, "decode_batches": args.decode_batches, "models": []}
     for label, path in [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args):
         model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
         mu = model.config.mean_loops
@@ -402,9 +403,7 @@ def adaptive_markdown(results):
                       f"{'CUDA graph' if d['cuda_graph'] else 'launched from Python'} | {d['mean_loops']:.2f} | "
                       f"{d['tokens_per_sec']:,.0f} |" for d in r["speed"]]
         lines.append("")
-    env = results["environment"]
-    lines.append(f"({env['device']}, torch {env['torch']}, commit {env['commit']}, data {results['data_dir']}.)")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + common.provenance(results)
 
 
 def adaptive_plot(results, path):
@@ -453,7 +452,7 @@ def markdown(results):
         f = m["fit"] or {}
         lines.append(f"| {m['model']} | {m['mean_loops']} | " + " | ".join(fmt(m["losses"][str(T)]) for T in loops)
                      + f" | {fmt(f.get('L_inf'))} | {fmt(f.get('Z'))} | {fmt(f.get('z'))} | {fmt(f.get('r2'))} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + common.provenance(results)
 
 
 def plot(results, path):

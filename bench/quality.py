@@ -42,6 +42,7 @@ def main(argv=None):
     p.add_argument("--reuse_sweep", action="store_true", help="use finished sweep runs with the same settings")
     p.add_argument("--lr", type=float, default=8e-3, help="the rate of a model the sweep has no rate for")
     args = common.finish_args(p.parse_args(argv))
+    args.command = common.command(__file__, argv)
     budgets = sorted(args.budgets or args.preset["budgets"])
     sweep = common.read_json(os.path.join(args.results_dir, "stability.json"))
     rates = {m: pick_rate(m, sweep, args.lr) for m in args.models}
@@ -105,7 +106,8 @@ def find_in_sweep(sweep, settings):
 
 def collect(args, runs, rates):
     vocab = args.meta["vocab_size"]
-    out = {"preset": args.preset_name, "environment": common.environment(), "data_dir": args.data_dir,
+    out = {"preset": args.preset_name, "environment": common.environment(), "command": args.command,
+           "data_dir": args.data_dir,
            "budgets": sorted({b for _, _, b, _, _ in runs}), "rates": {m: r for m, (r, _) in rates.items()},
            "metric": "validation perplexity exp(loss) at the training mean depth; relative quality = "
                      "(PPL_gpt - PPL_model) / (PPL_gpt - PPL_gpt_2x)", "runs": []}
@@ -151,7 +153,7 @@ def markdown(results):
                      f"{fmt(r.get('relative_quality'), '.2f')} | {r['train_flops']:.2e} | "
                      f"{fmt(r.get('flops_ratio_to_gpt'), '.2f')} | {r['status']}"
                      f"{' (sweep run)' if r['reused_sweep_run'] else ''} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + common.provenance(results)
 
 
 def plot(results, path):

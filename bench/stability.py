@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, help="training tokens per run (default: the preset's sweep budget)")
     p.add_argument("--spike_margin", type=float, default=0.5, help="nats above the loss EMA that make a spike")
     args = common.finish_args(p.parse_args(argv))
+    args.command = common.command(__file__, argv)
     rates = args.rates or args.preset["rates"]
     tokens = args.tokens or args.preset["sweep_tokens"]
 
@@ -65,7 +66,7 @@ def main(argv=None):
 
 
 def collect(args, runs):
-    out = {"preset": args.preset_name, "environment": common.environment(),
+    out = {"preset": args.preset_name, "environment": common.environment(), "command": args.command,
            "data_dir": args.data_dir, "spike_margin": args.spike_margin,
            "spike_definition": f"a logged training loss more than {args.spike_margin} nats above the EMA (beta 0.9) "
                                "of the losses logged before it; consecutive points above count once",
@@ -119,7 +120,7 @@ def markdown(results):
         rate, loss = (format(b["lr"], "g"), fmt(b["final_val_loss"])) if b else ("–", "–")
         lines.append(f"| {model} | {' '.join(ok) or 'none'} | {' '.join(bad) or 'none'} | {' '.join(lost) or 'none'} | "
                      f"{sum(r['spikes'] for r in mine)} | {rate} | {loss} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + common.provenance(results)
 
 
 def rate_colors(results):
