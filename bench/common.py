@@ -426,6 +426,15 @@ def summarize(out_dir, settings, spike_margin=0.5):
     }
 
 
+def write_results(results_dir, name, results, markdown):
+    """name.json and name.md, markdown(results), in results_dir; returns the Markdown."""
+    write_json(os.path.join(results_dir, name + ".json"), results)
+    text = markdown(results)
+    with open(os.path.join(results_dir, name + ".md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def write_json(path, data):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

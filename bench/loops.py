@@ -97,11 +97,8 @@ def main(argv=None):
               + (f" | L∞ {fit['L_inf']:.3f}, Z {fit['Z']:.3f}, z {fit['z']:.3f}, R² {fit['r2']:.3f}" if fit else ""),
               flush=True)
         del model
-    common.write_json(os.path.join(args.results_dir, "loops.json"), results)
-    with open(os.path.join(args.results_dir, "loops.md"), "w") as f:
-        f.write(markdown(results))
+    print(common.write_results(args.results_dir, "loops", results, markdown))
     plot(results, os.path.join(args.results_dir, "loops.png"))
-    print(markdown(results))
     return results
 
 
@@ -220,11 +217,8 @@ def adaptive_main(args):
             r["speed"] = decoding_speed(model, args.data_dir, settings, mu, cap, eps, device)
         results["models"].append(r)
         del model
-    common.write_json(os.path.join(args.results_dir, "adaptive.json"), results)
-    with open(os.path.join(args.results_dir, "adaptive.md"), "w") as f:
-        f.write(adaptive_markdown(results))
+    print(common.write_results(args.results_dir, "adaptive", results, adaptive_markdown))
     adaptive_plot(results, os.path.join(args.results_dir, "adaptive.png"))
-    print(adaptive_markdown(results))
     return results
 
 

@@ -132,13 +132,11 @@ def main(argv=None):
                   f"{work / seconds:.3g} FLOP/s over all runs, start-ups included "
                   f"(the preset assumes {scaling['flops_per_sec']:.3g})")
     results = collect(args, runs, argv)
-    common.write_json(os.path.join(args.results_dir, "scaling.json"), results)
-    with open(os.path.join(args.results_dir, "scaling.md"), "w") as f:
-        f.write(markdown(results))
+    text = common.write_results(args.results_dir, "scaling", results, markdown)
     plot_isoflop(results, os.path.join(args.results_dir, "scaling_isoflop.png"))
     plot_laws(results, os.path.join(args.results_dir, "scaling_laws.png"))
     plot_test_time(results, os.path.join(args.results_dir, "scaling_testtime.png"))
-    print(markdown(results))
+    print(text)
     return results
 
 

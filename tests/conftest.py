@@ -84,3 +84,16 @@ def tiny(injection="parcae", **kw):
 def tokens(B=3, L=12, vocab=97, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (B, L + 1), generator=g)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """A char-level toy corpus for the benches: a repeating pattern with 20 % noise, so the loss falls fast."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    pattern = np.tile(np.arange(40) % 13 + 3, 2_000)
+    tokens = np.where(rng.random(pattern.size) < 0.2, rng.integers(0, 64, pattern.size), pattern).astype(np.uint16)
+    tokens[:70_000].tofile(folder / "train.bin")
+    tokens[70_000:].tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": 64, "tokenizer": "char", "eot_token": 0}))
+    return str(folder)

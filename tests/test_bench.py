@@ -108,19 +108,6 @@ def test_train_py_stopping_on_a_nan_is_a_divergence_and_a_traceback_a_failure(tm
 # end to end: stability -> quality -> loops, tiny preset, real train.py runs
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A char-level toy corpus: a repeating pattern with 20 % noise, so the loss falls fast."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    pattern = np.tile(np.arange(40) % 13 + 3, 2_000)
-    tokens = np.where(rng.random(pattern.size) < 0.2, rng.integers(0, 64, pattern.size), pattern).astype(np.uint16)
-    tokens[:70_000].tofile(folder / "train.bin")
-    tokens[70_000:].tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"vocab_size": 64, "tokenizer": "char", "eot_token": 0}))
-    return str(folder)
-
-
 @contextlib.contextmanager
 def one_cpu_thread():
     """The train.py runs (common.run_all leaves OMP_NUM_THREADS as it is) and this process on one CPU
@@ -137,10 +124,10 @@ def one_cpu_thread():
 
 
 @pytest.fixture(scope="module")
-def bench(data_dir, tmp_path_factory):
+def bench(toy_data, tmp_path_factory):
     """Runs the three scripts once, in order, as a user would; returns their folders and results."""
     root = tmp_path_factory.mktemp("bench")
-    common_args = ["--data_dir", data_dir, "--preset", "tiny", "--work_dir", str(root / "work"),
+    common_args = ["--data_dir", toy_data, "--preset", "tiny", "--work_dir", str(root / "work"),
                    "--results_dir", str(root / "results"), "--parallel", "2"]
     with one_cpu_thread():
         sweep = stability.main(common_args + ["--models", *SWEEP_MODELS, "--rates", *map(str, RATES)])
@@ -248,8 +235,8 @@ def test_loops_adaptive_measures_exit_against_fixed_depth_on_the_same_batches(be
     assert (bench["results"] / "adaptive.png").stat().st_size > 1000
 
 
-def test_a_dry_run_prints_the_commands_and_trains_nothing(data_dir, tmp_path, capsys):
-    stability.main(["--data_dir", data_dir, "--preset", "tiny", "--work_dir", str(tmp_path / "work"),
+def test_a_dry_run_prints_the_commands_and_trains_nothing(toy_data, tmp_path, capsys):
+    stability.main(["--data_dir", toy_data, "--preset", "tiny", "--work_dir", str(tmp_path / "work"),
                     "--results_dir", str(tmp_path / "results"), "--dry_run", "--set", "batch_size=8"])
     out = capsys.readouterr().out
     n = len(common.SWEEP_MODELS) * len(common.PRESETS["tiny"]["rates"])

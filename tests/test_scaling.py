@@ -150,27 +150,14 @@ def test_the_parts_share_the_runs_and_the_flops():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A char-level toy corpus: a repeating pattern with 20 % noise, so the loss falls fast."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    pattern = np.tile(np.arange(40) % 13 + 3, 2_000)
-    tokens = np.where(rng.random(pattern.size) < 0.2, rng.integers(0, 64, pattern.size), pattern).astype(np.uint16)
-    tokens[:70_000].tofile(folder / "train.bin")
-    tokens[70_000:].tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"vocab_size": 64, "tokenizer": "char", "eot_token": 0}))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def sweep(data_dir, tmp_path_factory):
+def sweep(toy_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("scaling")
-    args = ["--data_dir", data_dir, "--preset", "tiny", "--work_dir", str(root / "work"),
+    args = ["--data_dir", toy_data, "--preset", "tiny", "--work_dir", str(root / "work"),
             "--results_dir", str(root / "results"), "--parallel", "4", "--bootstrap", "50"]
     return {"args": args, "results_dir": root / "results", "work": root / "work", "results": scaling.main(args)}
 
 
-def test_every_run_trains_its_budget_and_is_evaluated_at_every_depth(sweep, data_dir):
+def test_every_run_trains_its_budget_and_is_evaluated_at_every_depth(sweep, toy_data):
     results, preset = sweep["results"], scaling.SCALING["tiny"]
     runs = results["runs"]
     assert sorted((r["budget"], r["mu"] or 0) for r in runs) == sorted(
@@ -189,7 +176,7 @@ def test_every_run_trains_its_budget_and_is_evaluated_at_every_depth(sweep, data
             assert all(math.isfinite(L) for L in r["losses"].values())
             assert r["val_loss"] == r["losses"][str(r["mu"])]
             assert r["test_time_fit"]["r2"] <= 1
-    with open(os.path.join(data_dir, "train.bin"), "rb") as f:
+    with open(os.path.join(toy_data, "train.bin"), "rb") as f:
         assert results["data"]["train_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert (results["data"]["train_tokens"], results["data"]["val_tokens"]) == (70_000, 10_000)
 
@@ -253,8 +240,8 @@ def test_a_fresh_machine_continues_the_sweep_from_its_scaling_json(sweep, capsys
         aside.rename(sweep["work"])
 
 
-def test_a_dry_run_prints_the_plan_of_its_part_and_trains_nothing(data_dir, tmp_path, capsys):
-    args = ["--data_dir", data_dir, "--preset", "tiny", "--work_dir", str(tmp_path / "work"),
+def test_a_dry_run_prints_the_plan_of_its_part_and_trains_nothing(toy_data, tmp_path, capsys):
+    args = ["--data_dir", toy_data, "--preset", "tiny", "--work_dir", str(tmp_path / "work"),
             "--results_dir", str(tmp_path / "results"), "--dry_run"]
     listed = []
     for part in ("1/2", "2/2"):
