@@ -141,14 +141,23 @@ def load_pretrained(args, device):
     return model.to(device).eval(), {"seed": 1337, "batch_size": args.preset["train"]["batch_size"]}
 
 
+def validation(data_dir, settings, model, **more):
+    """The validation tokens, and the settings train.py's get_batch and evaluate read: the run's seed and
+    batch size, the model's block_size, and `more`."""
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    return val, SimpleNamespace(seed=settings["seed"], block_size=model.config.block_size,
+                                batch_size=settings["batch_size"], **more)
+
+
+def autocast_for(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 def evaluate(model, data_dir, settings, loops, batches, device):
     """Mean validation loss at each T: train.py's own evaluation, over the same batches (and h_0
     draws) for every T."""
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-    cfg = SimpleNamespace(seed=settings["seed"], block_size=model.config.block_size,
-                          batch_size=settings["batch_size"], eval_loops=loops, eval_iters=batches)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    losses = train.evaluate(model, val, cfg, rank=0, world=1, device=device, autocast=autocast)
+    val, cfg = validation(data_dir, settings, model, eval_loops=loops, eval_iters=batches)
+    losses = train.evaluate(model, val, cfg, rank=0, world=1, device=device, autocast=autocast_for(device))
     return {int(T): L for T, L in losses.items()}
 
 
@@ -224,17 +233,12 @@ def adaptive_main(args):
 
 def val_batch(data_dir, settings, model, i, device):
     """train.py's validation batch i. get_batch also seeds torch, so h_0 is drawn the same every time."""
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-    cfg = SimpleNamespace(seed=settings["seed"], block_size=model.config.block_size, batch_size=settings["batch_size"])
+    val, cfg = validation(data_dir, settings, model)
     return train.get_batch(val, 1, i, 0, cfg, device)
 
 
 def batches_of(data_dir, settings, model, batches, device):
     return (val_batch(data_dir, settings, model, i, device) for i in range(batches))
-
-
-def autocast_for(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 @torch.no_grad()

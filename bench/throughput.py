@@ -332,31 +332,27 @@ def main():
     if args.layouts_only:
         results["weight_layouts"] = time_weight_layouts(1024, 1) + time_weight_layouts(1024, 8)
         save()
+
+    def measure(model, loops, batch_size, graph, compiled, shared_cache=False):
+        g = time_generation(model, loops, batch_size, graph, shared_cache=shared_cache)
+        g["compiled"] = compiled
+        g["weights"] = str(model.core[0].mlp.fc.weight.dtype).removeprefix("torch.")
+        results["generation"].append(g)
+        save()
+        print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
+              f"{', compiled' if compiled else ''}, {g['weights']} weights, {g['kv_cache']} cache: "
+              f"{g['new_tokens_per_sec']:8.1f} tok/s  cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB",
+              flush=True)
+
     if args.cache_modes_only:
         model, _ = build("parcae_350m", args.vocab_size)
         sample.bf16_weights(model)
         for shared in (False, True):
             for loops in (1, 8, 16):
                 for batch_size in (1, 8):
-                    g = time_generation(model, loops, batch_size, shared_cache=shared)
-                    g["compiled"], g["weights"] = False, "bfloat16"
-                    results["generation"].append(g)
-                    save()
-                    print(f"generate parcae_350m {g['kv_cache']} cache loops={loops:2d} batch={batch_size}: "
-                          f"{g['new_tokens_per_sec']:8.1f} tok/s  cache {g['kv_cache_gb']:.2f} GB  "
-                          f"peak {g['peak_mem_gb']:.1f} GB", flush=True)
+                    measure(model, loops, batch_size, graph=True, compiled=False, shared_cache=shared)
     if not args.skip_generation and not args.layouts_only and not args.cache_modes_only:
         profiles = os.path.join(os.path.dirname(args.out), "profiles")
-
-        def measure(model, loops, batch_size, graph, compiled):
-            g = time_generation(model, loops, batch_size, graph)
-            g["compiled"] = compiled
-            g["weights"] = str(model.core[0].mlp.fc.weight.dtype).removeprefix("torch.")
-            results["generation"].append(g)
-            save()
-            print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
-                  f"{', compiled' if compiled else ''}, {g['weights']} weights: {g['new_tokens_per_sec']:8.1f} tok/s  "
-                  f"cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB", flush=True)
 
         # as sample.py decodes: bf16 linear weights, each step replayed as a CUDA graph; --compile adds compiling
         model, _ = build("parcae_350m", args.vocab_size)
