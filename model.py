@@ -17,6 +17,7 @@ depths with truncated backprop through depth, and per-token adaptive exit at inf
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -66,7 +67,7 @@ class CausalSelfAttention(nn.Module):
         # value embeddings: a per-head gate mixes the token's own embedding (a separate table) into v
         self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
 
-    def forward(self, x, ve, cos, sin, kv=None):
+    def forward(self, x, ve, cos, sin, cache=None):
         B, L, d = x.shape
         q = self.c_q(x).view(B, L, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, L, self.n_head, self.head_dim)
@@ -79,17 +80,79 @@ class CausalSelfAttention(nn.Module):
         q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,))
         k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
-        if kv is None:
+        if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:       # generation: store the new keys and values in this layer's cache slot, attend to it all
-            k_cache, v_cache, positions, mask, exited = kv
-            if exited is not None:      # a token that has left the loop keeps the keys and values it has
-                k = torch.where(exited, k_cache[:, :, positions], k)
-                v = torch.where(exited, v_cache[:, :, positions], v)
-            k_cache.index_copy_(2, positions, k.to(k_cache.dtype))     # k may be fp32: rms_norm's output
-            v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+        else:       # decoding: the cache keeps the new keys and values, and gives back all there are to see
+            k, v, mask = cache.update(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
+
+
+class KVCache:
+    """Keys and values for decoding, one CacheSlot per layer application: prelude[i], core[r][j] (layer j at
+    iteration r), coda[i]. The full cache (the release's) gives each iteration its own core slots; the shared
+    one gives core layer j one slot that all overwrite: its memory does not grow with the loops, but a later
+    token sees an earlier one's keys and values of its last iteration only. Shapes never change, so that a step
+    can be replayed as a CUDA graph: slots span the window (zeros: a masked NaN would still poison attention),
+    the next position is on the device (`pos`; `length` on the host), and attention reads the filled
+    positions rounded up to a multiple of `bucket` (`span`). MODEL.md section 7 has the whole story."""
+
+    def __init__(self, model, batch_size, loops=None, shared=False, bucket=256):
+        c, w = model.config, model.wte.weight
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        new = lambda previous=None: CacheSlot(self, torch.zeros(shape, dtype=dtype, device=w.device), previous)
+        self.loops, self.shared, self.bucket = model.check_loops(loops) if c.looped else 1, shared, bucket
+        self.prelude, self.coda = [new() for _ in range(c.n_prelude)], [new() for _ in range(c.n_coda)]
+        self.core = [[new() for _ in range(c.n_core)]]
+        for s in self.core[0] if shared else []:
+            s.previous = s
+        for _ in range(self.loops - 1):
+            self.core.append(self.core[0] if shared else [new(s) for s in self.core[-1]])
+        self.pos, self.length, self.max_len = torch.zeros((), dtype=torch.long, device=w.device), 0, c.block_size
+
+    def start(self, L, loops):
+        """A forward of L new tokens at `loops` begins: their positions, and which keys each of them may see."""
+        if self.length + L > self.max_len:
+            raise ValueError(f"the cache holds {self.length} of {self.max_len} positions, no room for {L} more")
+        if loops > self.loops:
+            raise ValueError(f"the cache has slots for {self.loops} loops: more loops than it was made for")
+        self.span = min(self.max_len, -(-(self.length + L) // self.bucket) * self.bucket)      # rounded up
+        self.positions = self.pos + torch.arange(L, device=self.pos.device)
+        self.mask = torch.arange(self.span, device=self.pos.device) <= self.positions[:, None]     # (L, span)
+        self.pos += L
+        self.length += L
+        return self.positions
+
+    def skip(self, r, loops):
+        """All tokens left the loop after iteration r of `loops`: the later ones' slots get those of r."""
+        for s in (s for later in self.core[r + 1:loops] for s in later if s.previous is not s):
+            s.k.index_copy_(2, self.positions, s.previous.k[:, :, self.positions])
+            s.v.index_copy_(2, self.positions, s.previous.v[:, :, self.positions])
+
+    def rollback(self, length):
+        self.pos.fill_(length)              # forget every position from `length` on (0: all of them)
+        self.length = length
+
+
+class CacheSlot:
+    """One layer application's keys and values (B, heads, window, head_dim); a core layer's `previous`: its
+    slot at the iteration before (the shared cache's: itself), whose keys and values an exited token keeps."""
+
+    def __init__(self, cache, zeros, previous=None):
+        self.cache, self.k, self.v, self.previous = cache, zeros, zeros.clone(), previous
+
+    def update(self, k, v):
+        """Write the new tokens' keys and values (B, H, L, D) at their positions (an exited token's stay as they
+        were: GPT.decode_iteration); return the keys, values and mask to attend to."""
+        c = self.cache
+        if self.previous is not None and c.exited is not None:      # (set by GPT.begin)
+            exited = c.exited[:, None, :, None]                 # (B, L) -> (B, H, L, D), broadcast
+            k = torch.where(exited, self.previous.k[:, :, c.positions], k)
+            v = torch.where(exited, self.previous.v[:, :, c.positions], v)
+        self.k.index_copy_(2, c.positions, k.to(self.k.dtype))      # k may be fp32: rms_norm's output
+        self.v.index_copy_(2, c.positions, v.to(self.v.dtype))
+        return self.k[:, :, :c.span], self.v[:, :, :c.span], c.mask
 
 
 class MLP(nn.Module):
@@ -114,9 +177,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.value_embed = nn.Embedding(config.padded_vocab_size, config.n_embd) if has_value_embed else None
 
-    def forward(self, x, idx, cos, sin, kv=None):
+    def forward(self, x, idx, cos, sin, cache=None):
         ve = self.value_embed(idx) if self.value_embed is not None else None
-        x = x + self.attn(self.norm_1(x), ve, cos, sin, kv)
+        x = x + self.attn(self.norm_1(x), ve, cos, sin, cache)
         return x + self.mlp(self.norm_2(x))
 
 # -----------------------------------------------------------------------------
@@ -298,45 +361,51 @@ class GPT(nn.Module):
         # then the sequences still running at any step are a prefix of the batch.
         return T.sort(descending=True).values.expand(batch_size)
 
-    def forward(self, idx, targets=None, loops=None, depths=None, cache=None, exit_threshold=None):
-        """idx, targets: (B, L) token ids; returns (logits, loss or None). Depth: `depths` (B,) if given,
-        else `loops` for every sequence, else sampled (training) or mean_loops (evaluation). With an
-        exit_threshold (and a cache, sample.KVCache), each token loops until its state converges, at
-        most `loops` times (recur_adaptive)."""
-        c = self.config
-        B, L = idx.shape
-        if cache is None and L > c.block_size:
-            raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
-        positions = slice(0, L) if cache is None else cache.start(L)    # the tokens' positions
-        cos, sin = self.cos[positions], self.sin[positions]
+    def check_loops(self, loops):       # one rule for every path
+        if loops is not None and loops < 1:
+            raise ValueError(f"loops must be at least 1, got {loops}")
+        return self.config.mean_loops if loops is None else loops
 
-        x = self.wte(idx)
-        for block in self.prelude:      # with a cache, each layer application gets its own slot of it
-            x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
-        if c.looped and exit_threshold is not None:
-            if cache is None:
-                raise ValueError("per-token exit needs a KV cache: exited tokens keep their keys and values there")
-            h = self.recur_adaptive(self.prelude_norm(x), idx, loops or c.mean_loops, exit_threshold, cos, sin, cache)
-            x = self.C(h).type_as(x)
-        elif c.looped:
-            if depths is None and loops is None and self.training:
-                depths = self.sample_depths(B)
-            elif depths is None:
-                depths = torch.full((B,), c.mean_loops if loops is None else loops)
+    def forward(self, idx, targets=None, loops=None, depths=None):
+        """Whole sequences idx, targets (B, L): (logits, mean loss or None). Depths: sampled in training (mode 1),
+        else `depths` (B,) if given (mode 2), else `loops` each, default mean_loops (mode 3). Cached: decode()."""
+        s, B = self.begin(idx, loops=loops), idx.size(0)
+        if self.config.looped:
+            if depths is None:
+                depths = self.sample_depths(B) if self.training and loops is None else [s.loops] * B
             depths = torch.as_tensor(depths).cpu()
             if depths.shape != (B,) or depths.min() < 1:
                 raise ValueError(f"need one depth of at least 1 per sequence, got {depths.tolist()} for {B}")
-            if cache is not None and depths.min() != depths.max():
-                raise ValueError("the KV cache needs the same number of loops for every sequence")
-            n_grad = c.backprop_loops if self.training else int(depths.max())
-            h = self.recur(self.prelude_norm(x), idx, depths, n_grad, cos, sin, cache)
-            x = self.C(h).type_as(x)      # the residual stream keeps its dtype (fp32 under autocast)
-        else:
-            for block in self.core:
-                x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
-        for block in self.coda:
-            x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
+            n_grad = self.config.backprop_loops if self.training else int(depths.max())
+            s.h = self.recur(s.e, idx, depths, n_grad, s.cos, s.sin)
+        return self.finish(s, targets)
 
+    def begin(self, idx, cache=None, loops=None, exit_threshold=None):
+        """Embedding and prelude (a plain Transformer: all but the coda), each layer writing its cache slot, if
+        there is one: the state s that the loop and finish() read. Decoding draws h_0 here, and under per-token
+        exit s keeps which tokens have exited and the iterations each ran."""
+        c, L = self.config, idx.size(1)
+        if L > c.block_size:
+            raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
+        s = SimpleNamespace(idx=idx, cache=cache, loops=self.check_loops(loops) if c.looped else 0, threshold=exit_threshold)
+        positions = slice(0, L) if cache is None else cache.start(L, s.loops)    # the tokens' positions
+        s.cos, s.sin, s.x = self.cos[positions], self.sin[positions], self.wte(idx)
+        slots = [None] * c.n_layer if cache is None else [*cache.prelude, *cache.core[0]]
+        for block, slot in zip([*self.prelude, *([] if c.looped else self.core)], slots):
+            s.x = block(s.x, idx, s.cos, s.sin, slot)
+        if c.looped:
+            s.e = self.prelude_norm(s.x)
+        if cache is not None:           # (the cache reads `exited` too: an exited token keeps its keys and values)
+            s.h, exiting = self.initial_state(s.e) if s.loops else None, exit_threshold is not None
+            s.exited = cache.exited = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device) if exiting else None
+            s.used = torch.zeros(idx.shape, device=idx.device) if exiting else None
+        return s
+
+    def finish(self, s, targets=None):
+        """C h_T, the coda and the head: (logits, loss or None)."""
+        x = self.C(s.h).type_as(s.x) if self.config.looped else s.x    # the residual stream keeps its dtype
+        for block, slot in zip(self.coda, [None] * self.config.n_coda if s.cache is None else s.cache.coda):
+            x = block(x, s.idx, s.cos, s.sin, slot)
         return self.head(x, targets)
 
     def head(self, x, targets=None):
@@ -348,7 +417,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def recur(self, e, idx, depths, n_grad, cos, sin, cache=None):
+    def recur(self, e, idx, depths, n_grad, cos, sin):
         """Run the core blocks depths[b] times on sequence b, injecting e at every iteration.
 
         The iterations are right-aligned: all sequences finish on the last step, and one of depth T
@@ -371,7 +440,7 @@ class GPT(nn.Module):
                 h_prev = h
                 u = self.injection(h[:m], e[:m])
                 for block in self.core:
-                    u = block(u, idx[:m], cos, sin, None if cache is None else cache.next_slot())
+                    u = block(u, idx[:m], cos, sin)
                 h = u if m == len(h) else torch.cat([u, h[m:]])
             norms.append(u.detach().float().norm(dim=-1).mean())
         # cheap stability read-outs, kept as tensors: no host sync until someone logs them
@@ -379,30 +448,38 @@ class GPT(nn.Module):
         self.last_state = {"norms": norms, "residual": residual}
         return h[torch.argsort(order)] if permuted else h
 
+    # -------------------------------------------------------------------------
+    # decoding through a KV cache: fixed loops (mode 4) or per-token exit (mode 5)
+
     @torch.no_grad()
-    def recur_adaptive(self, e, idx, loops, threshold, cos, sin, cache):
-        """Inference with per-token exit: token i stops once its state stops moving,
-        ‖h_t - h_(t-1)‖ / ‖h_t‖ < threshold, or after `loops` iterations. Its state then stays as it
-        is, and so do its keys and values: in every later core slot it holds those of its last
-        iteration (KVCache.next_slot copies them forward), so a token that loops further attends to
-        it as it was when it stopped. Every row is computed until all have exited; at decoding batch
-        sizes the matmuls cost the time of reading the weights, so dropping rows would save nothing."""
-        h = self.initial_state(e)
-        exited = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)    # (B, L)
-        used = torch.zeros(h.shape[:2], device=h.device)                         # iterations per token
-        for step in range(loops):
-            u = self.injection(h, e)
-            for block in self.core:     # (before the first iteration no token has exited)
-                u = block(u, idx, cos, sin, cache.next_slot(exited if step else None))
-            change = (u - h).float().norm(dim=-1) / u.float().norm(dim=-1)
-            h = torch.where(exited[..., None], h, u)
-            used += ~exited
-            exited |= change < threshold
-            if exited.all():            # a host sync each iteration: no CUDA graph can hold this loop
-                cache.skip(loops - step - 1)
+    def decode(self, idx, cache, loops=None, exit_threshold=None):
+        """Logits (B, L, vocab) of new tokens idx (B, L) after those the cache holds, which keeps their keys and
+        values: `loops` iterations each (default mean_loops), or with an exit_threshold at most that many."""
+        s = self.begin(idx, cache, loops, exit_threshold)
+        for r in range(s.loops):
+            if self.decode_iteration(s, r) and r < s.loops - 1:    # a host sync: has every token exited?
+                cache.skip(r, s.loops)
                 break
-        self.last_state = {"loops_per_token": used}
-        return h
+        self.last_state = {"loops_per_token": s.used}
+        return self.finish(s)[0]
+
+    def decode_iteration(self, s, r):
+        """Core iteration r of decoding state s and, under per-token exit, the whole rule: token i leaves the loop
+        once its state stops moving, ‖h_r - h_(r-1)‖ / ‖h_r‖ < threshold; its state then stays as it is, and so
+        do its keys and values (CacheSlot.update), which a token looping further attends to. Every row runs
+        until all have exited (at decoding batch sizes a matmul costs the time of reading the weights, so
+        dropping rows would save nothing): returns whether they have."""
+        u = self.injection(s.h, s.e)
+        for block, slot in zip(self.core, s.cache.core[r]):
+            u = block(u, s.idx, s.cos, s.sin, slot)
+        if s.threshold is None:
+            s.h = u
+            return None
+        change = (u - s.h).float().norm(dim=-1) / u.float().norm(dim=-1)
+        s.h.copy_(torch.where(s.exited[..., None], s.h, u))     # in place: the state a CUDA graph replays
+        s.used += ~s.exited
+        s.exited |= change < s.threshold
+        return s.exited.all()
 
     def initial_state(self, e):
         if self.config.init_state == "zero":

@@ -43,13 +43,15 @@ from types import SimpleNamespace
 import matplotlib
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import common  # noqa: E402
-import sample  # noqa: E402  (its KV cache)
+import sample  # noqa: E402  (its generate)
 import train  # noqa: E402  (its evaluation, and its checkpoint reading)
+from model import KVCache  # noqa: E402
 
 
 def main(argv=None):
@@ -247,10 +249,10 @@ def adaptive_loss(model, data_dir, settings, cap, eps, batches, device):
     single forward reads only keys and values written in it, so the small shared cache serves."""
     losses, loops = [], []
     for x, y in batches_of(data_dir, settings, model, batches, device):
-        cache = sample.KVCache(model, len(x), cap, shared=True)
+        cache = KVCache(model, len(x), cap, shared=True)
         with autocast_for(device):
-            _, loss = model(x, y, loops=cap, cache=cache, exit_threshold=eps)
-        losses.append(loss.item())
+            logits = model.decode(x, cache, cap, exit_threshold=eps)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1).item())
         loops.append(model.last_state["loops_per_token"].mean().item())
     return {"threshold": eps, "loss": float(np.mean(losses)), "mean_loops": float(np.mean(loops))}
 
@@ -320,11 +322,11 @@ def decoding_loss(model, data_dir, settings, loops, shared, batches, device):
     """Validation loss of decoding each sequence one token at a time through a KV cache."""
     losses = []
     for x, y in batches_of(data_dir, settings, model, batches, device):
-        cache = sample.KVCache(model, len(x), loops, shared=shared)
+        cache = KVCache(model, len(x), loops, shared=shared)
         nll = []
         with autocast_for(device):
             for i in range(x.size(1)):
-                logits, _ = model(x[:, i:i + 1], loops=loops, cache=cache)
+                logits = model.decode(x[:, i:i + 1], cache, loops)
                 logp = torch.log_softmax(logits.float()[:, 0], dim=-1)
                 nll.append(-logp.gather(-1, y[:, i:i + 1])[:, 0])
         losses.append(torch.stack(nll).mean().item())
