@@ -381,9 +381,8 @@ class GPT(nn.Module):
         return self.finish(s, targets)
 
     def begin(self, idx, cache=None, loops=None, exit_threshold=None):
-        """Embedding and prelude (a plain Transformer: all but the coda), each layer writing its cache slot, if
-        there is one: the state s that the loop and finish() read. Decoding draws h_0 here, and under per-token
-        exit s keeps which tokens have exited and the iterations each ran."""
+        """Embedding and prelude (a plain Transformer: all but the coda), writing the cache if there is one: the
+        state s that the loop and finish() read; decoding draws h_0 here, and per-token exit keeps its record."""
         c, L = self.config, idx.size(1)
         if L > c.block_size:
             raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")

@@ -123,7 +123,7 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
     (Decoder). With an exit_threshold, each token loops only until its state converges, at most `loops`
     times. With draft_loops K, self-speculative decoding: rounds of draft_tokens tokens drafted at K loops
     and verified at `loops` (speculate). stats, a dict, receives "loops_per_token" (B, new tokens) under
-    exit; "drafted" and "accepted", the drafted tokens and those kept, with draft_loops.
+    exit; with draft_loops, "rounds" of speculation, "drafted" tokens and those "accepted".
     """
     was_training = model.training
     model.eval()
@@ -153,9 +153,11 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
         if cache.length == c.block_size:    # the window is full: start again from the last half of the text
             cache.rollback(0)
             p = pick(decode(idx[:, -(c.block_size // 2):], loops, graph=False)[:, -1])
-        elif draft_loops is not None:       # a few new tokens at once, drawn as plain steps would draw them
-            room = min(c.block_size - cache.length, max_new_tokens - (idx.size(1) - n_prompt))
-            new, p = speculate(decode, idx, loops, draft_loops, min(draft_tokens, room - 1), pick, stats), None
+        elif draft_loops is not None:       # a few new tokens at once, drawn as plain steps would draw them;
+            # a whole round even at the end (the tokens past max_new_tokens are dropped), so that the rounds
+            # have one shape, and one CUDA graph each for drafting and verifying, until the window fills
+            n = min(draft_tokens, c.block_size - cache.length - 1)
+            new, p = speculate(decode, idx, loops, draft_loops, n, pick, stats), None
         else:
             p = pick(decode(idx[:, -1:], loops)[:, -1])
     model.train(was_training)
@@ -193,8 +195,8 @@ def speculate(decode, idx, loops, draft_loops, n, pick, stats=None):
     new = accept(p, torch.stack(q, dim=1) if q else p[:, :0], drafts)
     decode.cache.rollback(start + new.size(1))      # the last token and the kept drafts stay
     if stats is not None:
-        stats["drafted"] = stats.get("drafted", 0) + n
-        stats["accepted"] = stats.get("accepted", 0) + new.size(1) - 1
+        for key, count in (("rounds", 1), ("drafted", n), ("accepted", new.size(1) - 1)):
+            stats[key] = stats.get(key, 0) + count
     return new
 
 

@@ -372,9 +372,7 @@ def test_adaptive_and_speculative_decoding_replayed_as_cuda_graphs_match_eager_d
     runs = []
     for graph in (True, False):
         stats = {}
-        cache_bucket = dict(mode)
-        runs.append((generate(model, prompt, 40, loops=6, top_k=1, cuda_graph=graph, stats=stats, **cache_bucket),
-                     stats))
+        runs.append((generate(model, prompt, 40, loops=6, top_k=1, cuda_graph=graph, stats=stats, **mode), stats))
     (graphed, graph_stats), (eager, eager_stats) = runs
     assert torch.equal(graphed, eager)
     for key in ("loops_per_token", "accepted"):
