@@ -162,7 +162,7 @@ def main(argv=None):
                "skipped": skipped, "environment": common.environment(), "command": common.command(__file__, argv),
                "loops": {}}
     for T in loops:
-        results["loops"][str(T)] = evaluate(model, tasks, T, args.seeds, encode, bos, device, args.batch_tokens)
+        results["loops"][str(T)] = evaluate(model, tasks, T, args.seeds, encode, bos, device, args.batch_tokens, name)
     file = "core_" + re.sub(r"[^\w.-]", "_", name)
     os.makedirs(args.results_dir, exist_ok=True)
     print(common.write_results(args.results_dir, file, results, markdown))
@@ -267,10 +267,11 @@ def read_baselines(path):
     """{task label: random baseline in percent} from eval_meta_data.csv."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"cannot read {path} ({type(e).__name__}): the bundle is incomplete, unpack it again")
-    if not rows or not {"Eval Task", "Random baseline"} <= set(rows[0]):
+    if not {"Eval Task", "Random baseline"} <= set(reader.fieldnames or ()):
         raise SystemExit(f"{path} has no 'Eval Task' and 'Random baseline' columns: unpack the bundle again")
     try:
         return {row["Eval Task"]: float(row["Random baseline"]) for row in rows}
