@@ -147,6 +147,7 @@ def main(argv=None):
         loops = [1]         # every layer once; train.py's evaluation calls it 1 loop too
     from prepare import load_tokenizer
     encode = load_tokenizer(meta)[0]
+    # the authors' tokenizer has a BOS token; our char and GPT-2 data begin a document after an end-of-text
     bos = meta.get("bos_token", meta["eot_token"])
     check_encodable(tasks, encode, name)
 
@@ -155,7 +156,7 @@ def main(argv=None):
           f"{', '.join(map(str, args.seeds))}" + (f"; skipped (no file): {', '.join(skipped)}" if skipped else ""))
     results = {"model": name, "checkpoint": args.init_from or os.path.join(args.out_dir, "ckpt.pt"),
                "mean_loops": model.config.mean_loops if model.config.looped else None,
-               "block_size": model.config.block_size, "bundle": os.path.abspath(args.bundle), "suite": args.suite,
+               "block_size": model.config.block_size, "bundle": args.bundle, "suite": args.suite,
                "seeds": args.seeds, "max_per_task": args.max_per_task, "batch_tokens": args.batch_tokens,
                "tasks": {t["label"]: {k: t[k] for k in ("type", "shots", "delimiter", "baseline", "core")}
                          | {"items": len(t["items"])} for t in tasks},
@@ -237,14 +238,16 @@ def read_bundle(bundle, suite="core", max_per_task=None):
     baselines = read_baselines(os.path.join(bundle, "eval_meta_data.csv"))
     for t in tasks:
         if t["label"] not in baselines and t["core"]:
-            raise SystemExit(f"eval_meta_data.csv has no row for core.yaml's task {t['label']!r}: unpack the bundle again")
+            raise SystemExit(f"eval_meta_data.csv has no row for core.yaml's task {t['label']!r}: "
+                             "unpack the bundle again")
         t["baseline"] = baselines.get(t["label"], EXTENDED_BASELINE)
         t["items"] = read_items(os.path.join(bundle, "eval_data", t["file"]), t["type"])
         random.Random(SHUFFLE_SEED).shuffle(t["items"])
         t["items"] = t["items"][:max_per_task]
         if t["shots"] >= len(t["items"]):
+            hint = " (raise --max_per_task)" if max_per_task else ""
             raise SystemExit(f"task {t['label']} has {len(t['items'])} items: too few to draw {t['shots']} other "
-                             "items as few-shot examples for each" + (" (raise --max_per_task)" if max_per_task else ""))
+                             f"items as few-shot examples for each{hint}")
     return tasks, skipped
 
 
@@ -505,7 +508,7 @@ def centered(accuracy, baseline):
     return (accuracy - b) / (1 - b)
 
 
-def evaluate(model, tasks, loops, seeds, encode, bos, device, batch_tokens=8192, name="the model"):
+def evaluate(model, tasks, loops, seeds, encode, bos, device, batch_tokens, name):
     """
     At one loop count: per seed, each task's accuracy and centred accuracy, CORE (the mean over core.yaml's
     tasks) and, when there are others, Core-Extended (over all), with the sequences, tokens and seconds
@@ -566,7 +569,8 @@ def markdown(results):
     seeds = ", ".join(map(str, results["seeds"]))
     items = "all items" if results["max_per_task"] is None else f"at most {results['max_per_task']} items per task"
     pm = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"        # noqa: E731
-    lines = [f"CORE of `{results['model']}` (μ_rec {results['mean_loops'] or '–'}) on `{results['bundle']}`: "
+    lines = [f"CORE of `{results['model']}` (μ_rec {results['mean_loops'] or '–'}) on "
+             f"`{os.path.basename(os.path.normpath(results['bundle']))}`: "
              f"{len(results['tasks'])} tasks, {items}, seeds {seeds}. Mean ± population standard deviation over "
              "the seeds, ×100 as the paper's Table 5 gives them.", "",
              "| T | CORE | " + ("Core-Extended | " if extended else "") + "sequences per seed | seconds per seed |",
@@ -574,8 +578,9 @@ def markdown(results):
     for T in loops:
         r = results["loops"][T]
         runs = list(r["seeds"].values())
-        lines.append(f"| {T} | {pm(r['mean']['core'])} | " + (f"{pm(r['mean']['core_extended'])} | " if extended else "")
-                     + f"{runs[0]['sequences']:,} | {np.mean([x['seconds'] for x in runs]):.1f} |")
+        ext = f"{pm(r['mean']['core_extended'])} | " if extended else ""
+        lines.append(f"| {T} | {pm(r['mean']['core'])} | {ext}{runs[0]['sequences']:,} | "
+                     f"{np.mean([x['seconds'] for x in runs]):.1f} |")
     lines += ["", "Per task: centred accuracy (accuracy), ×100, mean over the seeds.", "",
               "| task | type | shots | baseline | " + " | ".join(f"T={T}" for T in loops) + " |",
               "|---|---|---|---|" + "---|" * len(loops)]

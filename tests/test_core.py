@@ -111,7 +111,8 @@ def run(tmp_path, monkeypatch, *args, model=None, meta=META):
 def test_each_type_renders_its_few_shot_examples_then_the_item_as_the_release_does():
     mc = {"type": "multiple_choice", "delimiter": " "}
     shots = [{"query": "Q1", "choices": ["A", "B"], "gold": 1}, {"query": "Q2", "choices": ["C", "D"], "gold": 0}]
-    assert core.render(mc, {"query": "Q", "choices": ["x", "y"]}, shots) == ["Q1 B\n\nQ2 C\n\nQ x", "Q1 B\n\nQ2 C\n\nQ y"]
+    assert core.render(mc, {"query": "Q", "choices": ["x", "y"]}, shots) == ["Q1 B\n\nQ2 C\n\nQ x",
+                                                                              "Q1 B\n\nQ2 C\n\nQ y"]
     mmlu = {"type": "multiple_choice", "delimiter": "\nAnswer: "}
     assert core.render(mmlu, {"query": "Q", "choices": ["x"]}, shots[:1]) == ["Q1\nAnswer: B\n\nQ\nAnswer: x"]
     schema = {"type": "schema", "delimiter": " "}
@@ -279,10 +280,20 @@ def test_a_prompt_longer_than_the_block_is_cut_from_the_left(tmp_path, monkeypat
 
 def test_the_seed_also_fixes_h0_so_a_real_model_repeats_exactly(tmp_path, monkeypatch):
     from conftest import tiny
-    model = tiny(vocab_size=len(CHARS) + 1, n_embd=32)      # init_state normal: a fresh h_0 per forward
+    model = tiny(vocab_size=len(CHARS) + 1)        # init_state normal: a fresh h_0 in every forward
+    draws, initial_state = [], model.initial_state
+    monkeypatch.setattr(model, "initial_state", lambda e: draws.append(initial_state(e)) or draws[-1])
     bundle = write_bundle(tmp_path / "b")
-    a, b = (run(tmp_path, monkeypatch, "--bundle", bundle, "--loops", "2", model=model) for _ in range(2))
-    assert a["loops"]["2"]["mean"] == b["loops"]["2"]["mean"]
+    runs = {}
+    for seed in ("1234", "1234", "2345"):
+        draws.clear()
+        r = run(tmp_path, monkeypatch, "--bundle", bundle, "--loops", "2", "--seeds", seed, model=model)
+        runs.setdefault(seed, []).append((r["loops"]["2"]["seeds"][seed]["tasks"], [d.clone() for d in draws]))
+    (tasks_a, h0_a), (tasks_b, h0_b) = runs["1234"]
+    assert tasks_a == tasks_b and len(h0_a) == len(h0_b) > 0
+    assert all(torch.equal(a, b) for a, b in zip(h0_a, h0_b))
+    other = runs["2345"][0][1][0]      # another seed: other draws from the first number on
+    assert (h0_a[0].flatten()[:8] != other.flatten()[:8]).all()
 
 
 # -----------------------------------------------------------------------------
@@ -297,7 +308,8 @@ def test_a_missing_bundle_says_where_the_release_gets_it(tmp_path, monkeypatch):
 @pytest.mark.parametrize("yaml_text, message", [
     ("icl_tasks: [\n", "core.yaml is not readable YAML"),
     ("tasks: []\n", "has no list of icl_tasks"),
-    ("icl_tasks:\n- label: mc\n  icl_task_type: multiple_choice\n  num_fewshot: [0]\n", r"icl_tasks\[0\] needs label, dataset_uri"),
+    ("icl_tasks:\n- label: mc\n  icl_task_type: multiple_choice\n  num_fewshot: [0]\n",
+     r"icl_tasks\[0\] needs label, dataset_uri"),
     ("icl_tasks:\n- {label: mc, dataset_uri: mine/mc.jsonl, icl_task_type: ranking, num_fewshot: [0]}\n",
      "icl_task_type 'ranking', not one of"),
     ("icl_tasks:\n- {label: mc, dataset_uri: mine/mc.jsonl, icl_task_type: schema, num_fewshot: 3}\n",
@@ -311,7 +323,8 @@ def test_a_malformed_core_yaml_is_one_line(tmp_path, monkeypatch, yaml_text, mes
 
 
 @pytest.mark.parametrize("item, message", [
-    ({"query": "q", "choices": ["a", "b"]}, "line 2: a multiple_choice item needs query, choices, gold; this one has no gold"),
+    ({"query": "q", "choices": ["a", "b"]},
+     "line 2: a multiple_choice item needs query, choices, gold; this one has no gold"),
     ({"query": "q", "choices": "ab", "gold": 0}, "line 2: its choices is not a list of texts"),
     ({"query": "q", "choices": ["a", "b"], "gold": 2}, "line 2: its gold 2 is not the index of one of its 2 options"),
     ("not json", "line 2: not a JSON object"),
