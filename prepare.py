@@ -142,7 +142,7 @@ def download(url, path, hint):
         if os.path.exists(tmp):
             os.remove(tmp)
         why = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
-        raise SystemExit(f"could not download {url} ({why}); {hint}")
+        raise SystemExit(f"prepare.py: could not download {url} ({why}); {hint}")
     os.replace(tmp, path)
 
 

@@ -30,8 +30,9 @@ How an item is scored, as in the release:
     of the centred accuracies over core.yaml's tasks. The release runs seeds 1234, 2345 and 3456 and
     reports the mean ± the population standard deviation.
 Parcae draws a fresh h_0 in every forward; we seed torch with the seed before each task, so a run
-repeats exactly on the same hardware. Several items share a forward (--batch_tokens, right-padded:
-causal attention never looks at the padding), which changes no score, only how fast it comes.
+repeats exactly on the same hardware. Several items share a forward (--batch_tokens; right-padded, and
+causal attention never looks at the padding). The release runs one item per forward, as --batch_tokens 1
+does: the scores differ only by rounding and by which h_0 each token draws.
 
 Writes core_<model>.json (per loop count and seed, each task's accuracy and centred accuracy, and
 CORE), core_<model>.md (×100, as the paper reports it) and, for several loop counts, core_<model>.png.
@@ -187,7 +188,10 @@ def download_bundle(bundle):
     if os.path.exists(bundle) and os.listdir(bundle):
         raise SystemExit(f"{bundle} exists but holds no core.yaml: move it away, or pass --bundle another folder")
     archive = os.path.join(parent, "eval_bundle.zip")
-    prepare.download(BUNDLE_URL, archive, f"download it by hand and unzip it into {parent}")
+    try:
+        prepare.download(BUNDLE_URL, archive, f"download it by hand and unzip it into {parent}")
+    except SystemExit as e:         # prepare.py's words, without its name: this is core.py
+        raise SystemExit(str(e).removeprefix("prepare.py: "))
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
         try:
             with zipfile.ZipFile(archive) as z:

@@ -393,7 +393,7 @@ def test_download_unpacks_the_zip_into_the_bundle_folder(tmp_path, monkeypatch):
     assert (bundle / "core.yaml").exists() and not (tmp_path / "cache" / "eval_bundle.zip").exists()
     assert r["loops"]["4"]["seeds"]["1234"]["tasks"]["mc"]["accuracy"] == 2 / 3
     monkeypatch.setattr(core, "BUNDLE_URL", (tmp_path / "missing.zip").as_uri())
-    with pytest.raises(SystemExit, match="could not download .*missing.zip"):
+    with pytest.raises(SystemExit, match="^could not download .*missing.zip.*download it by hand and unzip it"):
         run(tmp_path, monkeypatch, "--bundle", str(tmp_path / "other" / "eval_bundle"), "--download")
 
 
