@@ -140,7 +140,7 @@ def test_bf16_weights_change_nothing_under_bf16_autocast():
         bf16_weights(model)
         after = generate(model, prompt, 8, loops=3, top_k=1)
     assert torch.equal(before, after)
-    assert model.core[0].attn.c_q.weight.dtype == model.injection.B.weight.dtype == torch.bfloat16
+    assert model.core[0].attn.c_attn.weight.dtype == model.injection.B.weight.dtype == torch.bfloat16
     fc = model.core[0].mlp.fc
     assert fc.weight.shape == (fc.out_features, fc.in_features) and fc.weight.stride() == (1, fc.out_features)
     assert model.injection.A_log.dtype == model.norm_f.weight.dtype == model.wte.weight.dtype == torch.float32
