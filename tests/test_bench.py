@@ -317,6 +317,29 @@ def test_the_masked_loops_flops_ratio_is_one_for_fixed_depths_and_grows_with_the
     assert throughput.masked_loop_flops_ratio(model, 1, draws=20) == 1.0
 
 
+@pytest.mark.parametrize("name", ["parcae_350m", "gpt_350m"])
+def test_a_decoding_step_reads_each_layer_applications_weights_the_head_and_the_attended_cache(name):
+    """decode_bytes against the 350m models' arithmetic, written out: d 1024, 4/4/4 layers (a core block's
+    weights are read once per loop), 8 heads, GPT-2's vocabulary padded to 50,304. A block's matrices are
+    12d² (q, k, v, c_proj: 4d²; fc, proj: 8d²), and every other layer has a value-embedding gate of 32 × 8,
+    so every other layer application reads one; Parcae's injection reads B (d × d) at every iteration and
+    C once. Each sequence reads the keys and values (2 × d) of each attended position in every application.
+    All in bf16, 2 bytes each."""
+    model, _ = throughput.build(name, 50257, device="meta")
+    d, V, T, B, positions = 1024, 50304, 16, 8, 256
+    looped = name == "parcae_350m"
+    applications = 4 + (T if looped else 1) * 4 + 4         # 72 for Parcae, 12 for the Transformer
+    weights = applications * 12 * d * d + applications // 2 * 32 * 8 + V * d + (T + 1) * d * d * looped
+    keys_and_values = B * applications * 2 * positions * d
+    assert throughput.decode_bytes(model, T, B, positions) == 2 * (weights + keys_and_values)
+    # Parcae at batch 1: 1.95 GB of weights, 76 MB of cache, so at most about 2,370 tokens/s on an H200
+    if looped:
+        assert throughput.decode_bytes(model, T, 1, positions) == pytest.approx(2.025e9, rel=1e-3)
+    assert throughput.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert throughput.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12 and throughput.peak_bandwidth("NVIDIA L4") == 0.3e12
+    assert throughput.peak_bandwidth("NVIDIA A100-SXM4-40GB") is None     # not in the table: no bound
+
+
 def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(tmp_path):
     from conftest import tiny
     path = tmp_path / "profiles" / "generate.txt"
