@@ -379,7 +379,8 @@ def main():
         save()
         print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
               f"{', compiled' if compiled else ''}, {g['weights']} weights, {g['kv_cache']} cache: "
-              f"{g['new_tokens_per_sec']:8.1f} tok/s  cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB",
+              f"{g['new_tokens_per_sec']:8.1f} tok/s ({share(g)} of the bound)  cache {g['kv_cache_gb']:.2f} GB  "
+              f"peak {g['peak_mem_gb']:.1f} GB",
               flush=True)
 
     if args.cache_modes_only:
@@ -417,6 +418,12 @@ def main():
             measure(model, 16, batch_size, graph=True, compiled=True)
         del model
     print(markdown(results))
+
+
+def share(g):
+    """A decoding figure's share of its bandwidth bound, as text ("–" where the GPU's bandwidth is unknown)."""
+    bound = g.get("bound_tokens_per_sec")
+    return f"{100 * g['new_tokens_per_sec'] / bound:.0f} %" if bound else "–"
 
 
 def markdown(results):
@@ -459,11 +466,9 @@ def markdown(results):
         for g in results["generation"]:
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
             mode += ", shared cache" if g.get("kv_cache") == "shared" else ""
-            share = f"{100 * g['new_tokens_per_sec'] / g['bound_tokens_per_sec']:.0f} %" \
-                if g.get("bound_tokens_per_sec") else "–"
             read = f"{g['step_gb']:.2f}" if "step_gb" in g else "–"
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
-                         f"{g['new_tokens_per_sec']:,.0f} | {share} | {read} | "
+                         f"{g['new_tokens_per_sec']:,.0f} | {share(g)} | {read} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
     if results.get("weight_layouts"):
         lines += ["" if lines else f"On {machine}.", "",

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import before_after  # noqa: E402
 import common  # noqa: E402
 import ddp  # noqa: E402
 import loops  # noqa: E402
@@ -338,6 +339,21 @@ def test_a_decoding_step_reads_each_layer_applications_weights_the_head_and_the_
     assert throughput.peak_bandwidth("NVIDIA H200") == 4.8e12
     assert throughput.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12 and throughput.peak_bandwidth("NVIDIA L4") == 0.3e12
     assert throughput.peak_bandwidth("NVIDIA A100-SXM4-40GB") is None     # not in the table: no bound
+
+
+def test_the_before_after_table_gives_each_models_ratio_and_a_missing_copy_is_refused(tmp_path, monkeypatch):
+    run = lambda tokens_per_sec, ms: {"tokens_per_sec": tokens_per_sec, "step_ms": ms, "peak_mem_gb": 51.4}
+    results = {"environment": {"device": "NVIDIA H200", "gpus": 1, "torch": "2.11", "commit": "abc1234"},
+               "command": "python bench/before_after.py --before .before --before_commit 78bbaf7",
+               "before_commit": "78bbaf7", "steps": 8, "warmup": 4, "accum": 2,
+               "training": {"parcae_350m": {"before": run(128_000, 512), "after": run(134_400, 488)},
+                            "gpt_350m": {"before": run(297_640, 220)}}}      # (cut short: no after yet)
+    text = before_after.markdown(results)
+    assert "| parcae_350m | 128,000 | 134,400 | 1.050 | 512 → 488 | 51.4 → 51.4 |" in text
+    assert "gpt_350m" not in text and "commit abc1234" in text
+    monkeypatch.setattr(sys, "argv", ["before_after.py", "--before", str(tmp_path), "--before_commit", "x"])
+    with pytest.raises(SystemExit, match="holds no bench/throughput.py: make it with git archive"):
+        before_after.main()
 
 
 def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(tmp_path):
