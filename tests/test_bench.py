@@ -354,6 +354,14 @@ def test_the_before_after_table_gives_each_models_ratio_and_a_missing_copy_is_re
     monkeypatch.setattr(sys, "argv", ["before_after.py", "--before", str(tmp_path), "--before_commit", "x"])
     with pytest.raises(SystemExit, match="holds no bench/throughput.py: make it with git archive"):
         before_after.main()
+    # each side is timed by its own files: a stand-in throughput.py in the copy is the one that runs
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "throughput.py").write_text(
+        "def build(name, vocab_size):\n    return name, {'batch_size': 3}\n"
+        "def time_training(model, batch_size, accum, steps, warmup):\n"
+        "    return {'model': model, 'args': [batch_size, accum, steps, warmup], 'file': __file__}\n")
+    r = before_after.time_in(str(tmp_path), "gpt_350m", steps=8, warmup=4, accum=2)
+    assert r == {"model": "gpt_350m", "args": [3, 2, 8, 4], "file": str(tmp_path / "bench" / "throughput.py")}
 
 
 def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(tmp_path):
