@@ -320,7 +320,7 @@ def gpt_config(config):
 
 
 def official_name(name, c):
-    """The release's name for one of our GPT's weights."""
+    """The release's name for one of our GPT's weights, or one that c_attn stacks (attn.c_q.weight, ...)."""
     group, _, rest = name.partition(".")
     if group in ("prelude", "core", "coda"):
         i, _, rest = rest.partition(".")
@@ -337,6 +337,13 @@ def official_name(name, c):
             "injection.W.weight": "transformer.adapter.adapter.weight"}[name]
 
 
+def official_names(name, c):
+    """The release's names of the weights that make one of ours: c_attn's rows are its c_q, c_k and c_v."""
+    if name.endswith(".attn.c_attn.weight"):
+        return [official_name(name.replace("c_attn", part), c) for part in ("c_q", "c_k", "c_v")]
+    return [official_name(name, c)]
+
+
 def official_to_gpt(config: dict, state_dict: dict) -> GPT:
     """The release's model (its config.json as a dict, its state dict) as our GPT, in fp32 on the CPU.
     ValueError, naming the field or weight, for anything model.py does not compute exactly as the release."""
@@ -347,10 +354,12 @@ def official_to_gpt(config: dict, state_dict: dict) -> GPT:
     theirs = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}
     ours = {}
     for name in model.state_dict():
-        key = official_name(name, c)
-        if key not in theirs:
-            raise ValueError(f"the weights have no {key}")
-        ours[name] = theirs.pop(key).float()
+        keys = official_names(name, c)
+        missing = [key for key in keys if key not in theirs]
+        if missing:
+            raise ValueError(f"the weights have no {missing[0]}")
+        parts = [theirs.pop(key).float() for key in keys]
+        ours[name] = torch.cat(parts) if len(parts) > 1 else parts[0]     # c_attn: q, k and v stacked by rows
     head = theirs.pop("lm_head.weight", None)       # the same tensor as the embedding (tie_embeddings)
     if head is not None and not torch.equal(head.float(), ours["wte.weight"]):
         raise ValueError("lm_head.weight differs from transformer.wte.weight: the head is not tied")
@@ -365,7 +374,7 @@ def official_to_gpt(config: dict, state_dict: dict) -> GPT:
     model.cos, model.sin = rotary_tables(c.n_embd // c.n_head, c.block_size)
     if freqs is not None:
         L = min(freqs.size(1), c.block_size)
-        table = torch.stack([model.cos[:L], model.sin[:L]], dim=-1)
+        table = torch.stack([model.cos[:L, 1::2], model.sin[:L, 1::2]], dim=-1)     # each pair's cos and sin
         # cos and sin of the same fp32 angles on another machine differ by a few ulps (< 1e-6); saved in a
         # narrower dtype they are rounded to its precision (eps/2 for values in [-1, 1]). Another base or
         # pairing differs by far more (O(1) at the far positions).

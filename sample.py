@@ -160,15 +160,20 @@ def bf16_weights(model):
     Store the linear layers' weights in bf16, for decoding under bf16 autocast on a GPU: the matmuls
     compute in bf16 anyway, so nothing changes but where the cast happens. Eager autocast casts each
     weight once and caches it, but a torch.compile'd block casts every weight again on every call,
-    about a quarter of a decoding step at batch 1. Norms, embeddings and the injection's A_log /
-    dt_bias stay in fp32, so the head, tied to the embedding, still casts it each token (~2 % of
-    a step, compiled). The same matrices are also laid out column by column: for one
-    token, cuBLAS multiplies by a d×d weight in 3.5 µs that way and in 7.2 µs row by row (an H200,
-    bench/results/throughput_layouts.md). Returns the model, changed in place.
+    about a quarter of a decoding step at batch 1. The value-embedding tables too: their rows join v,
+    which is bf16 there, so each row is rounded once here instead of at every lookup. Norms, the
+    token embedding (the residual stream keeps its fp32) and the injection's A_log / dt_bias stay in
+    fp32, so the head, tied to the embedding, still casts it each token (~2 % of a step, compiled).
+    The matrices are also laid out column by column: for one token, cuBLAS multiplies by a d×d weight
+    in 3.5 µs that way and in 7.2 µs row by row (an H200, bench/results/throughput_layouts.md).
+    Returns the model, changed in place.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.data = module.weight.data.bfloat16().t().contiguous().t()     # W, column-major
+    for block in model.blocks():
+        if block.value_embed is not None:
+            block.value_embed.weight.data = block.value_embed.weight.data.bfloat16()
     return model
 
 

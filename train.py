@@ -164,7 +164,9 @@ def configure_optimizers(model, lr, weight_decay, device_type):
     matrices = {id(m.weight) for b in model.blocks() for m in b.modules() if isinstance(m, torch.nn.Linear)}
     muon_params = [p for p in model.parameters() if id(p) in matrices]
     adam_params = [p for p in model.parameters() if id(p) not in matrices]
-    muon = Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95)
+    # c_attn stacks q, k and v: Muon orthogonalises them apart, as the release's three matrices
+    pieces = {id(b.attn.c_attn.weight): 3 for b in model.blocks()}
+    muon = Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95, pieces=pieces)
     adamw = torch.optim.AdamW(adam_params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
                               fused=(device_type == "cuda"))
     return [muon, adamw]
@@ -176,10 +178,13 @@ class Muon(torch.optim.Optimizer):
     pushed to about 1) by Newton–Schulz, its lr scaled by sqrt(max(1, rows/cols)), with decoupled weight
     decay. torch.optim.Muon's step (up to bf16 rounding), but matrices of one shape go through Newton–Schulz
     together: one at a time, the 350m models' 78 matrices took 30 ms of a 264 ms H200 step, ~20 kernels each.
+    pieces, {id(parameter): n}, names the matrices that stack n of the same shape by rows (c_attn: q, k, v):
+    each piece is orthogonalised and its lr scaled on its own, as n separate matrices would be.
     """
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5, pieces=None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        self.pieces = pieces or {}
 
     @staticmethod
     def orthogonalize(G, steps):
@@ -204,7 +209,10 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - beta)                                         # β·buf + (1-β)·g
-                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, beta)))  # Nesterov
+                update = p.grad.lerp(buf, beta)                                     # Nesterov
+                n = self.pieces.get(id(p), 1)
+                for piece, u in zip(p.chunk(n), update.chunk(n)):       # views: the step writes into p
+                    by_shape.setdefault(piece.shape, []).append((piece, u))
             for (rows, cols), pairs in by_shape.items():
                 updates = self.orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
                 for (p, _), u in zip(pairs, updates):

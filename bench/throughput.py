@@ -13,7 +13,9 @@ that skipping finished sequences can gain (`--flops_ratio_only` prints just the 
 machine); the peak memory at mean_loops 8 and 32 with backprop_loops 4; and generation with
 the KV cache at 1, 8 and 16 loops as sample.py decodes (bf16 linear weights, each step replayed
 as a CUDA graph), with and without compiling the blocks (sample.py --compile), and at 16 loops
-also launched op by op, and compiled with the fp32 weights. --profile adds a torch.profiler
+also launched op by op, and compiled with the fp32 weights; each decoding figure also as a share
+of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just read what a
+decoding step must (decode_bytes). --profile adds a torch.profiler
 table per model (its most expensive kernels, and how much of the step the GPU was busy, from
 the profiler's trace), and two of decoding at 16 loops, with and without compiling.
 `--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
@@ -190,11 +192,11 @@ def kernel_family(name):
 
 
 def time_weight_layouts(d, batch_size=1, calls=400):
-    """µs per bf16 matmul of batch_size tokens by each weight shape of a block (d×d, 4d×d, d×4d), stored
+    """µs per bf16 matmul of batch_size tokens by each weight shape of a block (d×d, 3d×d, 4d×d, d×4d), stored
     row-major (as nn.Linear keeps it) and column-major (as sample.bf16_weights stores it), each as
     `calls` matmuls recorded in one CUDA graph and replayed, as decoding replays them."""
     results = []
-    for out_features, in_features in ((d, d), (4 * d, d), (d, 4 * d)):
+    for out_features, in_features in ((d, d), (3 * d, d), (4 * d, d), (d, 4 * d)):
         x = torch.randn(batch_size, in_features, device="cuda", dtype=torch.bfloat16)
         row_major = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
         r = {"weight": f"{out_features}x{in_features}", "batch_size": batch_size}
@@ -214,6 +216,37 @@ def time_weight_layouts(d, batch_size=1, calls=400):
     return results
 
 
+# memory bandwidth (bytes/s) from the vendors' datasheets, matched to the GPU's name as train.peak_flops matches
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "B200": 8.0e12,
+                  "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "L40S": 0.864e12, "L4": 0.3e12,
+                  "RTX 4090": 1.008e12}
+
+
+def peak_bandwidth(name):
+    matches = [gpu for gpu in PEAK_BANDWIDTH if re.search(rf"\b{gpu}\b", name)]
+    return PEAK_BANDWIDTH[max(matches, key=len)] if matches else None
+
+
+def decode_bytes(model, loops, batch_size, positions):
+    """
+    The bytes a decoding step must read from memory, at the least: the bf16 matrices of every layer
+    application (attention, MLP, value-embedding gate: a core block's once per loop), the injection's
+    at every iteration and C once, the tied head; and for each sequence the bf16 keys and values of the
+    `positions` it attends to, in every layer application. Left out, as a few kB: the norms' weights,
+    A_log and dt_bias, and the embedding rows looked up.
+    """
+    c = model.config
+    matrices = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    loops = loops if c.looped else 1
+    weights = sum(map(matrices, [*model.prelude, *model.coda])) + loops * sum(map(matrices, model.core))
+    if c.looped:
+        weights += loops * matrices(model.injection) + matrices(model.C)
+    weights += c.padded_vocab_size * c.n_embd                   # the head
+    applications = c.n_prelude + loops * c.n_core + c.n_coda
+    kv = batch_size * applications * 2 * positions * c.n_embd   # keys and values
+    return 2 * (weights + kv)
+
+
 def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256, shared_cache=False):
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device="cuda")
@@ -229,9 +262,14 @@ def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, n
     c = model.config
     slots = c.n_prelude + (1 if shared_cache else loops) * c.n_core + c.n_coda
     cache_bytes = 2 * slots * batch_size * c.n_embd * c.block_size * 2      # k and v, bf16, the whole window
+    # the decoding steps attend to prompt_len + 1, ..., prompt_len + new_tokens - 1 positions
+    step_bytes = decode_bytes(model, loops, batch_size, positions=prompt_len + new_tokens / 2)
+    bandwidth = peak_bandwidth(torch.cuda.get_device_name())
     return {"loops": loops, "batch_size": batch_size, "cuda_graph": cuda_graph,
             "kv_cache": "shared" if shared_cache else "full",
             "new_tokens_per_sec": batch_size * new_tokens / dt, "ms_per_token": 1000 * dt / new_tokens,
+            "step_gb": step_bytes / 1e9, "bound_tokens_per_sec": None if bandwidth is None else
+            batch_size * bandwidth / step_bytes,
             "kv_cache_gb": cache_bytes / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
             "extra_mem_gb": (torch.cuda.max_memory_allocated() - base) / 1e9}
 
@@ -341,7 +379,8 @@ def main():
         save()
         print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
               f"{', compiled' if compiled else ''}, {g['weights']} weights, {g['kv_cache']} cache: "
-              f"{g['new_tokens_per_sec']:8.1f} tok/s  cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB",
+              f"{g['new_tokens_per_sec']:8.1f} tok/s ({share(g)} of the bound)  cache {g['kv_cache_gb']:.2f} GB  "
+              f"peak {g['peak_mem_gb']:.1f} GB",
               flush=True)
 
     if args.cache_modes_only:
@@ -381,6 +420,12 @@ def main():
     print(markdown(results))
 
 
+def share(g):
+    """A decoding figure's share of its bandwidth bound, as text ("–" where the GPU's bandwidth is unknown)."""
+    bound = g.get("bound_tokens_per_sec")
+    return f"{100 * g['new_tokens_per_sec'] / bound:.0f} %" if bound else "–"
+
+
 def markdown(results):
     machine = (f"one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, "
                f"commit {results.get('commit')})")
@@ -411,14 +456,19 @@ def markdown(results):
     if results["generation"]:
         lines += ["" if lines else f"On {machine}.",
                   "", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
-                      "(KV cache: its size for the model's whole window of block_size tokens):", "",
-                  "| loops | batch | decoding | weights | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                      "(KV cache: its size for the model's whole window of block_size tokens). Of the bound: "
+                      "the tokens/s over the most the GPU's memory bandwidth (its datasheet's) allows, if a "
+                      "step only read what it must: the bf16 weights of every layer application, the head, "
+                      "and the keys and values of the positions attended (decode_bytes; read per step):", "",
+                  "| loops | batch | decoding | weights | new tokens/s | of the bound | read per step (GB) | "
+                  "ms/token | KV cache (GB) | peak memory (GB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
             mode += ", shared cache" if g.get("kv_cache") == "shared" else ""
+            read = f"{g['step_gb']:.2f}" if "step_gb" in g else "–"
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
-                         f"{g['new_tokens_per_sec']:,.0f} | "
+                         f"{g['new_tokens_per_sec']:,.0f} | {share(g)} | {read} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
     if results.get("weight_layouts"):
         lines += ["" if lines else f"On {machine}.", "",

@@ -66,8 +66,14 @@ def official_weights(model):
              "prelude_norm.weight": "transformer.ln_prelude.weight", "C.weight": "transformer.C.weight",
              "injection.A_log": "transformer.adapter.A_log", "injection.dt_bias": "transformer.adapter.dt_bias",
              "injection.B.weight": "transformer.adapter.B", "injection.W.weight": "transformer.adapter.adapter.weight"}
-    weights = {}
+    ours = {}
     for name, w in model.state_dict().items():
+        if name.endswith(".attn.c_attn.weight"):     # the release keeps q, k and v as three matrices
+            ours.update({name.replace("c_attn", part): t for part, t in zip(("c_q", "c_k", "c_v"), w.chunk(3))})
+        else:
+            ours[name] = w
+    weights = {}
+    for name, w in ours.items():
         group, *rest = name.split(".")
         if group in offset:
             i, rest = int(rest[0]), ".".join(rest[1:])
@@ -79,7 +85,7 @@ def official_weights(model):
             key = names[name]
         weights[key] = w.clone()
     weights["lm_head.weight"] = model.wte.weight.detach().clone()
-    weights["freqs_cis"] = torch.stack([model.cos, model.sin], dim=-1)[None, :, None]
+    weights["freqs_cis"] = torch.stack([model.cos[:, 1::2], model.sin[:, 1::2]], dim=-1)[None, :, None]   # one per pair
     return weights
 
 
@@ -225,7 +231,7 @@ def test_bf16_weights_convert_to_fp32_and_a_torch_compiled_state_dict_too():
                for k, v in official_weights(model).items()}
     converted = hub.official_to_gpt(official_config(model), weights)
     assert converted.wte.weight.dtype == torch.float32
-    assert torch.equal(converted.core[0].attn.c_q.weight, model.core[0].attn.c_q.weight.bfloat16().float())
+    assert torch.equal(converted.core[0].attn.c_attn.weight, model.core[0].attn.c_attn.weight.bfloat16().float())
 
 
 def test_the_140m_release_names_every_weight_of_ours():
@@ -242,7 +248,9 @@ def test_the_140m_release_names_every_weight_of_ours():
             "transformer.prelude.1.attn.ve_gate.weight", "transformer.core_block.1.attn.ve_gate.weight",
             "transformer.coda.1.attn.ve_gate.weight"}
     want |= {f"transformer.{g}.{i}.{w}" for g in ("prelude", "core_block", "coda") for i in (0, 1) for w in block}
-    assert {hub.official_name(k, c) for k in ours} == want
+    assert {key for k in ours for key in hub.official_names(k, c)} == want
+    assert hub.official_names("core.1.attn.c_attn.weight", c) == [       # c_attn's rows: q, then k, then v
+        f"transformer.core_block.1.attn.{w}.weight" for w in ("c_q", "c_k", "c_v")]
     assert (c.n_embd, c.n_head, c.n_prelude, c.n_core, c.n_coda, c.vocab_size, c.mean_loops, c.backprop_loops,
             c.injection, c.init_state) == (768, 6, 2, 2, 2, 32768, 8, 4, "parcae", "normal")
 
@@ -253,7 +261,9 @@ def test_the_rope_table_is_the_releases_formula_bit_for_bit():
     from model import rotary_tables
     cos, sin = rotary_tables(128, 2048)
     angles = torch.outer(torch.arange(2048.0), 1.0 / (50000 ** (torch.arange(0, 128, 2).float() / 128)))
-    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
+    for channel in (0, 1):      # both channels of a pair: its angle's cos, and its sin, negated on the first
+        assert torch.equal(cos[:, channel::2], angles.cos())
+        assert torch.equal(sin[:, channel::2], (2 * channel - 1) * angles.sin())
 
 
 def test_safetensors_of_mixed_dtypes_read_back_exactly(tmp_path):
@@ -523,7 +533,7 @@ def test_train_py_fine_tunes_a_pretrained_model_and_resumes_it(pretrained, parca
     assert GPTConfig(**ckpt["model_config"]) == pretrained.config and ckpt["pretrained"] == MODEL
     assert all(np.isfinite(v) for v in before.values())
     # the weights moved, from the pretrained ones
-    assert not torch.equal(ckpt["model"]["core.0.attn.c_q.weight"], pretrained.core[0].attn.c_q.weight)
+    assert not torch.equal(ckpt["model"]["core.0.attn.c_attn.weight"], pretrained.core[0].attn.c_attn.weight)
     train.main([a for a in args if not a.startswith(("--init_from", "--max_iters"))] + ["--init_from=resume",
                                                                                          "--max_iters=3"])
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 3
