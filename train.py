@@ -375,16 +375,16 @@ class GraphedIterations:
 
     def record(self, inputs):
         static = [x.detach().clone() for x in inputs]
-        side = torch.cuda.Stream()      # warm up on a side stream, as PyTorch asks: compiling and cuBLAS's
-        side.wait_stream(torch.cuda.current_stream())       # set-up happen here, not during the capture
-        with torch.cuda.stream(side):
-            self.iteration(*static)
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # autocast's cache of bf16 weight copies is off while recording: the graph must cast the fp32
         # weights at every replay, not read a copy that is freed when the forward's autocast block ends
         autocast = torch.is_autocast_enabled("cuda")
         with torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
+            side = torch.cuda.Stream()      # warm up on a side stream, as PyTorch asks, in the same state:
+            side.wait_stream(torch.cuda.current_stream())   # compiling and cuBLAS's set-up happen here,
+            with torch.cuda.stream(side):                   # not during the capture
+                self.iteration(*static)
+            torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self.iteration(*static)
         self.pool = graph.pool()
