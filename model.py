@@ -370,15 +370,21 @@ class GPT(nn.Module):
             m = int((depths >= T_max - step).sum())     # sequences running at this step
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= T_max - n_grad):
                 h_prev = h
-                u = self.injection(h[:m], e[:m])
-                for block in self.core:
-                    u = block(u, idx[:m], cos, sin, None if cache is None else cache.next_slot())
+                u = self.core_iteration(h[:m], e[:m], idx[:m], cos, sin, cache)
                 h = u if m == len(h) else torch.cat([u, h[m:]])
             norms.append(u.detach().float().norm(dim=-1).mean())
         # cheap stability read-outs, kept as tensors: no host sync until someone logs them
         residual = (h - h_prev).detach().float().norm(dim=-1).mean() / norms[-1]
         self.last_state = {"norms": norms, "residual": residual}
         return h[torch.argsort(order)] if permuted else h
+
+    def core_iteration(self, h, e, idx, cos, sin, cache=None):
+        """One iteration of the loop, h <- core_blocks(inject(h, e)). (train.py replays it as a CUDA graph
+        where it runs without gradient: see train.GraphedIterations.)"""
+        u = self.injection(h, e)
+        for block in self.core:
+            u = block(u, idx, cos, sin, None if cache is None else cache.next_slot())
+        return u
 
     @torch.no_grad()
     def recur_adaptive(self, e, idx, loops, threshold, cos, sin, cache):

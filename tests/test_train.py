@@ -123,6 +123,33 @@ def test_the_compiled_model_computes_the_same_loss_and_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=bound, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_iterations_replayed_as_cuda_graphs_follow_the_weights_as_they_change(bf16):
+    """The no-grad iterations replay recorded graphs; after the weights change in place (as an optimizer
+    step changes them), a replay computes with the new weights, also under bf16 autocast."""
+    from conftest import tiny, tokens
+    model = tiny().cuda()
+    graphed = train.GraphedIterations(model.core_iteration)
+    x = tokens(B=4, L=16)[:, :-1].cuda()
+    e = torch.randn(4, 16, 32, device="cuda")
+    h = torch.randn(4, 16, 32, device="cuda")
+    cos, sin = model.cos[:16], model.sin[:16]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        for change in range(3):
+            for m in (4, 3, 4):        # two shapes: two graphs in one pool, each replayed again
+                want = model.core_iteration(h[:m], e[:m], x[:m], cos, sin)
+                got = graphed(h[:m], e[:m], x[:m], cos, sin)
+                # The same kernels on the same inputs, except that cuBLAS may pick another algorithm
+                # inside a capture: sums of up to 4·32 terms in another order, through 2 blocks (4 sums);
+                # in bf16 an output rounds to 8 bits, so a reordering can flip its last bit: 2^-8 of it.
+                U_out = 2.0 ** -8 if bf16 else reordering_bound(n=128, layers=4)
+                torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 * U_out * want.abs().max().item())
+            for p in model.core.parameters():
+                p.mul_(1.5)            # in place, as Muon and AdamW update them
+    assert len(graphed.graphs) == 2
+
+
 @pytest.mark.parametrize("injection", ["parcae", "none"])
 def test_a_30_step_run_learns_the_pattern(tiny_args, tmp_path, injection):
     final = train.main(tiny_args(injection=injection))
