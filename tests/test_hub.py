@@ -601,3 +601,17 @@ def test_a_model_folder_with_the_same_tokenizer_json_reads_data_of_the_hub_token
     with pytest.raises(SystemExit, match=f"was tokenized with {TOKENIZER}@.*, but {folder} reads sha256:.*--tokenizer "
                                          f"{folder}$"):
         hub.load_for_data(str(folder), meta, parcae_data)
+
+
+def test_train_sample_and_prepare_need_neither_package_until_a_path_does(monkeypatch, tmp_path):
+    """The GPU machines have neither huggingface_hub nor safetensors: importing the scripts needs neither,
+    and a path that needs one says how to install it, in one line."""
+    code = "import sys; sys.modules['huggingface_hub'] = sys.modules['safetensors'] = None; import train, sample, prepare, hub"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)      # (an import then fails)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(SystemExit, match="^this needs the huggingface_hub package: pip install -r requirements.txt$"):
+        sample.main([f"--init_from={MODEL}"])
+    with pytest.raises(SystemExit, match="^this needs the safetensors package: pip install -r requirements.txt$"):
+        hub.read_weights(str(tmp_path / "model.safetensors"))
