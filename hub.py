@@ -70,7 +70,8 @@ def hub_file(repo, filename, revision=None, repo_type=None):
     hf = package("huggingface_hub")
     from huggingface_hub import constants, errors
     what = f"{repo}{'@' + revision if revision else ''}/{filename}"
-    page = constants.ENDPOINT + ("/datasets/" if repo_type == "dataset" else "/") + repo
+    dataset = repo_type == "dataset"
+    page = constants.ENDPOINT + ("/datasets/" if dataset else "/") + repo
     before = hf.try_to_load_from_cache(repo, filename, revision=revision, repo_type=repo_type)
     try:
         path = hf.hf_hub_download(repo, filename, revision=revision, repo_type=repo_type)
@@ -84,14 +85,17 @@ def hub_file(repo, filename, revision=None, repo_type=None):
         raise SystemExit(f"{repo} has no revision {revision!r}: give one of its branches, tags or commits")
     except errors.LocalEntryNotFoundError:       # (a kind of EntryNotFoundError: before it)
         if constants.HF_HUB_OFFLINE:
+            download = f"hf download {repo}" + (" --repo-type dataset" if dataset else "")
             raise SystemExit(f"HF_HUB_OFFLINE is set and the cache ({constants.HF_HUB_CACHE}) does not hold "
-                             f"{what}: run once with a connection (or `hf download {repo}`), or unset HF_HUB_OFFLINE")
+                             f"{what}: run once with a connection (or `{download}`), or unset HF_HUB_OFFLINE")
         raise SystemExit(f"could not reach {constants.ENDPOINT} for {what}, and the cache does not hold it: "
-                         "check your connection (and HF_ENDPOINT), or pass a folder that holds the files")
+                         "check your connection (and HF_ENDPOINT)" +
+                         ("" if dataset else ", or pass a folder that holds the files"))
     except errors.EntryNotFoundError:
         return None
     except errors.HfHubHTTPError as e:
-        raise SystemExit(f"the Hub answered HTTP {e.response.status_code} for {what}: try again later")
+        raise SystemExit(f"the Hub answered HTTP {getattr(e.response, 'status_code', '?')} for {what}: try again "
+                         "later")
     except OSError as e:        # the size did not match, the disk is full, ...
         raise SystemExit(f"could not download {what} ({str(e).splitlines()[0]}): run the same command again")
     except Exception as e:

@@ -128,7 +128,8 @@ def fake_hub(monkeypatch, tmp_path):
     import hub
     server = FakeHub()
     home = tmp_path / "hf_home"
-    constants = dict(ENDPOINT=server.url, HUGGINGFACE_CO_URL_TEMPLATE=server.url + "/{repo_id}/resolve/{revision}/{filename}",
+    constants = dict(ENDPOINT=server.url,
+                     HUGGINGFACE_CO_URL_TEMPLATE=server.url + "/{repo_id}/resolve/{revision}/{filename}",
                      HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_TOKEN_PATH=str(home / "token"),
                      HF_STORED_TOKENS_PATH=str(home / "stored_tokens"), HF_HUB_OFFLINE=False,
                      AGENT_HARNESSES_PATH=str(home / ".agent_harnesses.json"))

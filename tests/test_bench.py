@@ -322,8 +322,9 @@ def test_the_large_configs_table_gives_a_runs_time_at_8_gpus_and_says_what_did_n
     row = {"batch_size": 8, "accum": 4, "run_tokens": 8 * 86_400 * 10_000}
     results = {"gpu": "H200", "torch": "2.11", "cuda": "12.8", "commit": "x", "steps": 4, "warmup": 3,
                "training": {}, "generation": [],
-               "large": {"parcae_1.3b": {**row, "activation_checkpoint": True, "params": 1.69e9, "tokens_per_sec": 10_000,
-                                         "step_ms": 6554, "mfu": 0.3, "peak_mem_gb": 60.0, "peak_reserved_gb": 64.0},
+               "large": {"parcae_1.3b": {**row, "activation_checkpoint": True, "params": 1.69e9,
+                                         "tokens_per_sec": 10_000, "step_ms": 6554, "mfu": 0.3, "peak_mem_gb": 60.0,
+                                         "peak_reserved_gb": 64.0},
                          "parcae_1.3b activation_checkpoint=False": {**row, "activation_checkpoint": False,
                                                                      "out_of_memory": True, "peak_reserved_gb": 140.0}}}
     table = throughput.markdown(results)

@@ -268,7 +268,8 @@ def test_a_dropped_connection_resumes_where_it_stopped(fake_hub, tmp_path, sleep
     fake_hub.cut["model.safetensors"] = 5 << 14
     _, weights, _ = hub.model_files(MODEL)
     assert Path(weights).read_bytes() == data
-    ranges = [h.get("range") for method, path, h in fake_hub.requests if method == "GET" and path.startswith("/storage/")]
+    ranges = [h.get("range") for method, path, h in fake_hub.requests
+              if method == "GET" and path.startswith("/storage/")]
     assert ranges == [None, f"bytes={5 << 14}-"]      # the second request asks for the rest only
 
 
@@ -281,11 +282,13 @@ def test_a_corrupt_file_is_refused_deleted_and_fetched_again(fake_hub, tmp_path,
         hub.model_files(MODEL)
     assert "\n" not in str(e.value)
     blobs = cache_folder(tmp_path) / "blobs"
-    assert all(p.name in (git_hash(p.read_bytes()), hashlib.sha256(p.read_bytes()).hexdigest()) for p in blobs.iterdir())
+    hashes = lambda data: (git_hash(data), hashlib.sha256(data).hexdigest())
+    assert all(p.name in hashes(p.read_bytes()) for p in blobs.iterdir())     # nothing corrupt is kept
     fake_hub.corrupt.clear()
     config, weights, _ = hub.model_files(MODEL)
     files = fake_hub.repos[MODEL][-1][1]
-    assert Path(config).read_bytes() == files["config.json"] and Path(weights).read_bytes() == files["model.safetensors"]
+    assert Path(config).read_bytes() == files["config.json"]
+    assert Path(weights).read_bytes() == files["model.safetensors"]
 
 
 def test_a_second_load_comes_from_the_cache_with_the_hub_gone_and_a_folder_needs_no_hub(fake_hub, tmp_path,
@@ -568,7 +571,8 @@ def test_data_and_checkpoints_of_a_local_tokenizer_name_it_by_content_and_work_o
     meta_json = (data / "meta.json").read_text()
     assert data.name == "text-my-tokenizer" and str(mine) not in meta_json     # no folder of this machine
     meta = json.loads(meta_json)
-    assert meta["tokenizer"] == "sha256:" + meta["tokenizer_sha256"] == "sha256:" + hub.file_sha256(mine / "tokenizer.json")
+    sha256 = hub.file_sha256(mine / "tokenizer.json")
+    assert meta["tokenizer"] == "sha256:" + meta["tokenizer_sha256"] == "sha256:" + sha256
     train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--block_size=32", "--n_embd=32",
                 "--batch_size=4", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--eval_loops=[1]"])
     # "another machine": the run folder alone, with the tokenizer folder and the data gone
@@ -606,7 +610,8 @@ def test_a_model_folder_with_the_same_tokenizer_json_reads_data_of_the_hub_token
 def test_train_sample_and_prepare_need_neither_package_until_a_path_does(monkeypatch, tmp_path):
     """The GPU machines have neither huggingface_hub nor safetensors: importing the scripts needs neither,
     and a path that needs one says how to install it, in one line."""
-    code = "import sys; sys.modules['huggingface_hub'] = sys.modules['safetensors'] = None; import train, sample, prepare, hub"
+    code = ("import sys; sys.modules['huggingface_hub'] = sys.modules['safetensors'] = None; "
+            "import train, sample, prepare, hub")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)      # (an import then fails)

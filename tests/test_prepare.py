@@ -200,7 +200,8 @@ def test_fineweb_edu_downloads_through_the_hub_tokenizes_and_skips_finished_shar
     # each shard: the Hub says where it is (HEAD), then it comes from storage, into the shared cache
     asked = [(method, path.split("/")[1]) for method, path, _ in fake_hub.requests if not path.startswith("/api/")]
     assert asked == [("HEAD", "datasets"), ("GET", "storage")] * 2
-    cache = tmp_path / "hf_home" / "hub" / "datasets--HuggingFaceFW--fineweb-edu" / "snapshots" / commit / "sample" / "10BT"
+    cache = tmp_path / "hf_home" / "hub" / "datasets--HuggingFaceFW--fineweb-edu" / "snapshots" / commit
+    cache = cache / "sample" / "10BT"
     assert sorted(p.name for p in cache.iterdir()) == ["000_00000.parquet", "001_00000.parquet"]
 
     outputs = {name: (folder / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
