@@ -2,9 +2,11 @@
 hub.py against a fake Hugging Face Hub on 127.0.0.1 (no test touches the network): one of our tiny models,
 written out under the release's names with a config.json in its format, comes back computing the same logits;
 a tokenizer.json trained here by `tokenizers` with the authors' recipe tokenizes as its tiktoken conversion
-does; downloads resume, refuse corrupt files and names that leave the cache; and sample.py, train.py and
-bench/loops.py take --init_from. tests/official/ holds config.json as the release's save_pretrained writes it
-for its 140m models.
+does; files come through huggingface_hub (tests/fake_hub.py serves what it asks): revisions pin commits, a
+dropped connection resumes, a corrupt file is refused, the cache serves a second load and offline mode, and
+each failure is one line; tokenizers are named so that data and checkpoints work on another machine; and
+sample.py, train.py and bench/loops.py take --init_from. tests/official/ holds config.json as the release's
+save_pretrained writes it for its 140m models.
 """
 import hashlib
 import json
