@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +32,7 @@ from types import MethodType, SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -42,12 +44,15 @@ from model import GPT, GPTConfig
 out_dir = "out"
 data_dir = "data/stdlib"         # train.bin, val.bin, meta.json, as written by prepare.py
 init_from = "scratch"            # scratch (an out_dir with no ckpt.pt) | resume (from out_dir/ckpt.pt) | a pretrained
-                                 # model to fine-tune (hub.py): SandyResearch/parcae-140m, or a folder of its files
+                                 # model to fine-tune (hub.py): SandyResearch/parcae-140m (@REVISION pins a branch,
+                                 # tag or commit), or a folder of its files
 save_checkpoint = True
 seed = 1337
 device = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps ...
 dtype = "auto"                   # auto (bfloat16 autocast on cuda, float32 elsewhere) | bfloat16 | float32
 compile = "auto"                 # torch.compile the blocks, injection and head: auto (on cuda only) | True | False
+activation_checkpoint = False    # keep only each block's input, and run the block again in the backward:
+                                 # less memory for one more forward of the blocks (checkpoint_blocks)
 # model (the vocabulary size comes from the data's meta.json)
 block_size = 128
 n_embd = 96
@@ -66,7 +71,8 @@ batch_size = 32                  # per process and micro-step
 grad_accum_steps = 1             # over all processes: divided among the DDP ranks
 # optimizer and schedule
 max_iters = 500
-lr = 1.5e-2                      # for both Muon and AdamW
+lr = 1.5e-2                      # Muon's peak learning rate, and AdamW's unless adamw_lr is set
+adamw_lr = 0.0                   # AdamW's own peak learning rate, on the same schedule (0: lr)
 schedule = "trapezoid"           # trapezoid (warmup, constant, linear cool-down to 0) | cosine (to min_lr)
 warmup_iters = 0
 cooldown_frac = 0.5              # trapezoid: the last half of training decays to 0
@@ -158,7 +164,7 @@ def parse_settings(argv):
 # the optimizers (PARCAE.md section 5)
 
 
-def configure_optimizers(model, lr, weight_decay, device_type):
+def configure_optimizers(model, lr, weight_decay, device_type, adamw_lr=None):
     """Muon for the blocks' 2-D matrices, AdamW for everything else (embeddings, head,
     value embeddings, norms, the injection's A_log / dt_bias / B / W, and C)."""
     matrices = {id(m.weight) for b in model.blocks() for m in b.modules() if isinstance(m, torch.nn.Linear)}
@@ -167,7 +173,7 @@ def configure_optimizers(model, lr, weight_decay, device_type):
     # c_attn stacks q, k and v: Muon orthogonalises them apart, as the release's three matrices
     pieces = {id(b.attn.c_attn.weight): 3 for b in model.blocks()}
     muon = Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95, pieces=pieces)
-    adamw = torch.optim.AdamW(adam_params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+    adamw = torch.optim.AdamW(adam_params, lr=adamw_lr or lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
                               fused=(device_type == "cuda"))
     return [muon, adamw]
 
@@ -399,6 +405,34 @@ class GraphedIterations:
         return graph, static, out
 
 
+def checkpoint_blocks(model):
+    """
+    Activation checkpointing: a block run with gradient keeps only its inputs, not the activations
+    inside it, and runs again in the backward to rebuild them (torch.utils.checkpoint). A block draws
+    no random numbers, so the rerun computes them bit for bit and the gradients are a plain backward's
+    (tests/test_train.py). The loop's no-grad iterations keep nothing anyway (truncated backprop through
+    depth), so they run as they are. Changes the model in place; compile_model then compiles the
+    checkpointed blocks, which keeps the rerun inside the compiled graph.
+    """
+    for block in model.blocks():
+        def forward(*args, plain=block.forward):
+            if not torch.is_grad_enabled():
+                return plain(*args)
+            return torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, preserve_rng_state=False)
+        block.forward = forward
+
+
+def wrap_ddp(model, device):
+    """
+    DDP over the processes torchrun started. The rotary tables are constants: no need to sync buffers
+    before every forward. torch 2.13 renamed broadcast_buffers (now a FutureWarning on every rank) to
+    forward_sync_buffers; torch 2.11 knows only the old name.
+    """
+    new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               **{"forward_sync_buffers" if new_name else "broadcast_buffers": False})
+
+
 def compile_model(model):
     """
     torch.compile each block, the injection and the head, so the data-dependent loop stays in Python.
@@ -501,7 +535,7 @@ def train(cfg, rank, world, device):
     torch.manual_seed(cfg.seed)     # the same initial weights on every rank
     model = raw_model = (pretrained or GPT(config)).to(device)
     pretrained_name = cfg.init_from if pretrained else ckpt and ckpt.get("pretrained")    # kept in each checkpoint
-    optimizers = configure_optimizers(raw_model, cfg.lr, cfg.weight_decay, device.type)
+    optimizers = configure_optimizers(raw_model, cfg.lr, cfg.weight_decay, device.type, cfg.adamw_lr)
     muon = optimizers[0]
     start_step, train_time, last_val, saved_step = 0, 0.0, None, None
     if ckpt:
@@ -515,18 +549,19 @@ def train(cfg, rank, world, device):
     def stop(step, why):        # a clear stop that says what the last good checkpoint holds
         kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
         raise SystemExit(f"stopped at step {step}: {why} ({kept})")
+    if cfg.activation_checkpoint:
+        checkpoint_blocks(raw_model)
     if use_compile:
         compile_model(raw_model)
     if world > 1:
-        # the rotary tables are constants: no need to sync buffers before every forward. torch 2.13
-        # renamed broadcast_buffers (now a FutureWarning on every rank) to forward_sync_buffers;
-        # torch 2.11 knows only the old name
-        new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    **{"forward_sync_buffers" if new_name else "broadcast_buffers": False})
+        model = wrap_ddp(raw_model, device)
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        # a pretrained tokenizer travels with the checkpoints: sample.py decodes with this copy on any machine
+        tokenizer_copy = os.path.join(cfg.data_dir, "tokenizer.json")
+        if "tokenizer_sha256" in meta and os.path.isfile(tokenizer_copy):
+            shutil.copyfile(tokenizer_copy, os.path.join(cfg.out_dir, "tokenizer.json"))
         if start_step == 0 and os.path.exists(metrics_path):
             os.remove(metrics_path)         # a fresh run starts a fresh log
         elif os.path.exists(metrics_path):  # resuming: drop what a crashed run logged after its checkpoint
@@ -544,6 +579,7 @@ def train(cfg, rank, world, device):
               f"{'bfloat16' if bf16 else 'float32'}, {'compiled' if use_compile else 'not compiled'}"
               + (f" | resuming at step {start_step}" if start_step else ""))
 
+    adamw_scale = cfg.adamw_lr / cfg.lr if cfg.adamw_lr and cfg.lr else 1.0     # (× 1.0 is exact)
     bar = tqdm(total=cfg.max_iters, initial=start_step, disable=not (master and sys.stdout.isatty()))
     t_start = t_log = time.time()
     steps_since_log = 0
@@ -570,11 +606,12 @@ def train(cfg, rank, world, device):
         if last:
             break
 
-        # the schedules: lr for both optimizers, Muon's momentum warm-up and weight decay
+        # the schedules: lr for both optimizers (AdamW's scaled to its own peak), Muon's momentum
+        # warm-up and weight decay
         lr = lr_at(step, cfg)
-        for opt in optimizers:
+        for opt, scale in zip(optimizers, (1.0, adamw_scale)):
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * scale
         for group in muon.param_groups:
             group["momentum"] = 0.85 + 0.10 * min(1.0, step / 300)
             group["weight_decay"] = cfg.weight_decay * (1 - step / cfg.max_iters)

@@ -21,16 +21,29 @@ the profiler's trace), and two of decoding at 16 loops, with and without compili
 `--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
 the layout sample.bf16_weights chooses; `--cache_modes_only` just decoding with the full and the
 shared KV cache (sample.py --kv_cache).
+
+`--large_only` times just training of the 770m and 1.3b configs as each of 8 GPUs runs their recipe:
+the config's micro-batch, grad_accum_steps / 8 micro-steps per optimizer step, under DDP (here one
+process, so that its gradient buckets count in the memory), with the config's activation
+checkpointing, and also without it where the config has it on. A run that does not fit is recorded
+as out of memory. It reports peak memory (allocated and reserved) and tokens/s, and how long the
+config's whole run would take on 8 GPUs at 8 times that rate:
+
+    python bench/throughput.py --large_only --models gpt_770m parcae_770m --out bench/results/throughput_770m
+    python bench/throughput.py --large_only --models gpt_1.3b parcae_1.3b --out bench/results/throughput_1.3b
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
 import re
+import socket
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -90,22 +103,27 @@ def build(name, vocab_size, cls=GPT, device="cuda", **overrides):
     return model, settings
 
 
-def time_training(model, batch_size, accum, steps, warmup, profile_to=None):
+def time_training(model, batch_size, accum, steps, warmup, profile_to=None, activation_checkpoint=False, ddp=False):
     """Mean wall time of a training step (`accum` micro-batches, then the optimizers) over `steps`
     steps after `warmup`, synced. With profile_to, also a torch.profiler table of 2 more steps'
-    most expensive GPU kernels, and how busy the GPU was, written to that file."""
+    most expensive GPU kernels, and how busy the GPU was, written to that file. activation_checkpoint
+    and ddp (the one-process group that main starts) as train.py has them."""
     c = model.config
+    if activation_checkpoint:
+        train.checkpoint_blocks(model)
     train.compile_model(model)        # as train.py does
     optimizers = train.configure_optimizers(model, lr=1e-3, weight_decay=0.2, device_type="cuda")
+    forward = train.wrap_ddp(model, torch.device("cuda", torch.cuda.current_device())) if ddp else model
     torch.manual_seed(0)
     data = torch.randint(0, c.vocab_size, (accum, batch_size, c.block_size + 1), device="cuda")
 
     def step():
         for micro in range(accum):
             x, y = data[micro, :, :-1], data[micro, :, 1:]
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = model(x, y)
-            (loss / accum).backward()
+            with forward.no_sync() if ddp and micro < accum - 1 else nullcontext():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss = forward(x, y)
+                (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:
             opt.step()
@@ -126,7 +144,8 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None):
     result = {"params": model.num_params(), "batch_size": batch_size, "accum": accum, "seq_len": c.block_size,
               "step_ms": 1000 * dt, "tokens_per_sec": tokens_per_sec,
               "mfu": train.estimate_mfu(model, tokens_per_sec), "flops_per_token": model.flops_per_token(),
-              "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+              "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
     if profile_to:
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
@@ -315,12 +334,18 @@ def main():
                         "bench/results/throughput_cache)")
     parser.add_argument("--layouts_only", action="store_true", help="only time one token's matmuls by row-major "
                         "and column-major bf16 weights (default --out: bench/results/throughput_layouts)")
+    parser.add_argument("--large_only", action="store_true", help="only time training of the 770m and 1.3b "
+                        "configs as each of 8 GPUs runs their recipe, under one-process DDP (see above; default "
+                        "--models: gpt_770m parcae_770m gpt_1.3b parcae_1.3b, --out: bench/results/throughput_large)")
     parser.add_argument("--flops_ratio_only", action="store_true", help="only print, for each Parcae model, the "
                         "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
     parser.add_argument("--out", help="the results' path without .json / .md (default: bench/results/throughput)")
     args = parser.parse_args()
-    default = "throughput_layouts" if args.layouts_only else "throughput_cache" if args.cache_modes_only else "throughput"
+    default = ("throughput_layouts" if args.layouts_only else "throughput_cache" if args.cache_modes_only
+               else "throughput_large" if args.large_only else "throughput")
     args.out = args.out or os.path.join(ROOT, "bench", "results", default)
+    if args.large_only and parser.get_default("models") == args.models:
+        args.models = LARGE
     if args.flops_ratio_only:
         for name in [m for m in args.models if m.startswith("parcae")]:
             model, settings = build(name, args.vocab_size, device="cpu")
@@ -356,6 +381,12 @@ def main():
             json.dump(results, f, indent=1)
         with open(args.out + ".md", "w") as f:
             f.write(markdown(results))
+
+    if args.large_only:
+        results["large"] = {}
+        time_large(args, results["large"], save)
+        print(markdown(results))
+        return
 
     # the most important measurements first
     if not args.skip_training and not args.layouts_only and not args.cache_modes_only:
@@ -426,6 +457,48 @@ def share(g):
     return f"{100 * g['new_tokens_per_sec'] / bound:.0f} %" if bound else "–"
 
 
+LARGE = ["gpt_770m", "parcae_770m", "gpt_1.3b", "parcae_1.3b"]
+GPUS = 8        # of the configs' recipe
+
+
+def time_large(args, large, save):
+    """--large_only: each config at its per-GPU share of the 8-GPU recipe, under one-process DDP, with its
+    activation checkpointing and, where it has it on, without; into `large`, by label."""
+    with socket.socket() as s:          # a free port for the one-process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        for name in args.models:
+            settings = train.parse_settings([os.path.join(ROOT, "config", name + ".py")])
+            for checkpointing in dict.fromkeys([settings["activation_checkpoint"], False]):
+                label = name + ("" if checkpointing == settings["activation_checkpoint"] else
+                                " activation_checkpoint=False")
+                accum = settings["grad_accum_steps"] // GPUS
+                r = {"batch_size": settings["batch_size"], "accum": accum, "activation_checkpoint": checkpointing,
+                     "run_tokens": settings["max_iters"] * settings["batch_size"] * settings["grad_accum_steps"]
+                     * settings["block_size"]}
+                try:
+                    model, _ = build(name, args.vocab_size)
+                    r.update(time_training(model, settings["batch_size"], accum, args.steps, args.warmup,
+                                           activation_checkpoint=checkpointing, ddp=True))
+                except torch.cuda.OutOfMemoryError:
+                    r["out_of_memory"] = True
+                    r["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+                model = None
+                gc.collect()
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                large[label] = r
+                save()
+                print(f"{label:36s} " + ("out of memory" if r.get("out_of_memory") else
+                      f"{r['tokens_per_sec'] / 1e3:8.1f}k tok/s  {r['step_ms']:8.1f} ms/step  peak "
+                      f"{r['peak_mem_gb']:.1f} GB ({r['peak_reserved_gb']:.1f} reserved)"), flush=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def markdown(results):
     machine = (f"one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, "
                f"commit {results.get('commit')})")
@@ -470,6 +543,27 @@ def markdown(results):
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
                          f"{g['new_tokens_per_sec']:,.0f} | {share(g)} | {read} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
+    if results.get("large"):
+        lines += ["" if lines else f"On {machine}.", "",
+                  f"Training as each of {GPUS} GPUs runs the configs' recipe: the config's micro-batch, "
+                  f"grad_accum_steps / {GPUS} micro-steps and one optimizer step, under DDP (one process: its "
+                  f"gradient buckets count in the memory), bf16, compiled, random tokens; mean of "
+                  f"{results['steps']} steps after {results['warmup']} warm-up steps. A run: the config's "
+                  f"max_iters at {GPUS} × this rate, no scaling loss counted.", "",
+                  "| config | params | micro-batch × steps | activation checkpointing | tokens/s | step (ms) | MFU | "
+                  "peak memory (GB) | peak reserved (GB) | a run on 8 GPUs |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for label, r in results["large"].items():
+            shape = f"{r['batch_size']}×2048 × {r['accum']}"
+            ac = "yes" if r["activation_checkpoint"] else "no"
+            if r.get("out_of_memory"):
+                lines.append(f"| {label} | | {shape} | {ac} | out of memory | | | | {r['peak_reserved_gb']:.1f} | |")
+                continue
+            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a"
+            days = r["run_tokens"] / (GPUS * r["tokens_per_sec"]) / 86400
+            lines.append(f"| {label} | {r['params'] / 1e6:.1f}M | {shape} | {ac} | {r['tokens_per_sec']:,.0f} | "
+                         f"{r['step_ms']:.0f} | {mfu} | {r['peak_mem_gb']:.1f} | {r['peak_reserved_gb']:.1f} | "
+                         f"{days:.1f} days |")
     if results.get("weight_layouts"):
         lines += ["" if lines else f"On {machine}.", "",
                   "A matmul by a bf16 weight of parcae_350m's blocks, as decoding runs it "

@@ -364,6 +364,21 @@ def test_the_before_after_table_gives_each_models_ratio_and_a_missing_copy_is_re
     assert r == {"model": "gpt_350m", "args": [3, 2, 8, 4], "file": str(tmp_path / "bench" / "throughput.py")}
 
 
+def test_the_large_configs_table_gives_a_runs_time_at_8_gpus_and_says_what_did_not_fit():
+    """bench/throughput.py --large_only's markdown, on made-up numbers (the measurement needs a GPU)."""
+    row = {"batch_size": 8, "accum": 4, "run_tokens": 8 * 86_400 * 10_000}
+    results = {"gpu": "H200", "torch": "2.11", "cuda": "12.8", "commit": "x", "steps": 4, "warmup": 3,
+               "training": {}, "generation": [],
+               "large": {"parcae_1.3b": {**row, "activation_checkpoint": True, "params": 1.69e9,
+                                         "tokens_per_sec": 10_000, "step_ms": 6554, "mfu": 0.3, "peak_mem_gb": 60.0,
+                                         "peak_reserved_gb": 64.0},
+                         "parcae_1.3b activation_checkpoint=False": {**row, "activation_checkpoint": False,
+                                                                     "out_of_memory": True, "peak_reserved_gb": 140.0}}}
+    table = throughput.markdown(results)
+    assert "| parcae_1.3b | 1690.0M | 8×2048 × 4 | yes | 10,000 | 6554 | 30.0 % | 60.0 | 64.0 | 1.0 days |" in table
+    assert "| parcae_1.3b activation_checkpoint=False | | 8×2048 × 4 | no | out of memory | | | | 140.0 | |" in table
+
+
 def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(tmp_path):
     from conftest import tiny
     path = tmp_path / "profiles" / "generate.txt"

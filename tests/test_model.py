@@ -154,7 +154,9 @@ def test_official_init_zero_out_projections_and_scaled_orthogonal_matrices():
 
 def test_parameter_counts_match_the_paper_table():
     expected = {("parcae", 768, 6, 2): 144.3e6, ("none", 768, 6, 2): 143.1e6,
-                ("parcae", 1024, 8, 4): 388.0e6, ("none", 1024, 8, 4): 385.9e6}
+                ("parcae", 1024, 8, 4): 388.0e6, ("none", 1024, 8, 4): 385.9e6,
+                ("parcae", 1280, 10, 6): 776.7e6, ("none", 1280, 10, 6): 773.4e6,
+                ("parcae", 1536, 12, 8): 1338.6e6, ("none", 1536, 12, 8): 1333.9e6}
     for (injection, d, heads, n), count in expected.items():
         with torch.device("meta"):          # shapes only: no memory, no init time
             model = GPT(GPTConfig(vocab_size=32768, block_size=2048, n_embd=d, n_head=heads,
