@@ -7,15 +7,20 @@ Turn a text corpus into the token files that train.py reads.
     python prepare.py --input notes/ book.txt --tokenizer char
     python prepare.py --input $(python -c "import site; print(site.getsitepackages()[0])") \
         --suffix .py --tokenizer char --name sitepkg      # the Python sources of the installed packages
+    python prepare.py --input $(python -c "import site; print(site.getsitepackages()[0])") \
+        --suffix .py .h .hpp --tokenizer byte --name code # and their C/C++ headers, as UTF-8 bytes
     python prepare.py --source fineweb-edu --tokenizer SandyResearch/parcae-tokenizer
     python prepare.py --source fineweb-edu@<commit> --num_shards 14    # a pinned revision of the dataset
 
 It writes data/<name>/train.bin and val.bin (flat uint16 token ids, one
 end-of-text token after each document) and data/<name>/meta.json, which says
-how to decode them: tokenizer ("char", "gpt2", or a pretrained model's: see
-below), vocab_size, eot_token, train_tokens, val_tokens, train_docs, val_docs,
+how to decode them: tokenizer ("char", "byte", "gpt2", or a pretrained model's:
+see below), vocab_size, eot_token, train_tokens, val_tokens, train_docs, val_docs,
 source (a description) and, for char, chars: the vocabulary as one string, where
-a character's id is its position and the end-of-text id is len(chars).
+a character's id is its position and the end-of-text id is len(chars). byte
+needs no table: a token is one byte of the text's UTF-8 (ids 0-255), and the
+end-of-text id is 256; so any text encodes, and a small model's LM head costs
+next to nothing (257 logits).
 load_tokenizer(meta) gives encode/decode for any of them. <name> defaults to the
 source name ("text" for --input), with "-<tokenizer>" appended when the
 tokenizer is not that source's default, so different tokenizations never
@@ -104,6 +109,8 @@ def load_tokenizer(meta, folder=None):
     folder (beside the data, or a checkpoint). Each tokenizer renders its special tokens as text (the
     end-of-text token as EOT_TEXT for char and gpt2, as <|eos|> for a pretrained model's) and
     encodes that text back to them, so decode(encode(s)) == s."""
+    if meta["tokenizer"] == "byte":
+        return byte_encode, byte_decode
     if meta["tokenizer"] != "char":
         enc = get_encoding(meta["tokenizer"], folder, meta.get("tokenizer_sha256"))[0]
         special = {EOT_TEXT} if meta["tokenizer"] == "gpt2" else "all"
@@ -117,6 +124,29 @@ def load_tokenizer(meta, folder=None):
             ids += ([eot] if i else []) + encode_text(part)
         return ids
     return encode, lambda ids: "".join(itos[i] for i in ids)
+
+
+BYTE_EOT = 256      # the byte tokenizer's end-of-text id, after the 256 byte values
+
+
+def byte_encode(s):
+    ids = []
+    for i, part in enumerate(s.split(EOT_TEXT)):
+        ids += ([BYTE_EOT] if i else []) + list(part.encode("utf-8"))
+    return ids
+
+
+def byte_decode(ids):
+    """Bytes back to text. A sampled sequence need not be valid UTF-8 (a character cut at the end, a byte
+    the model got wrong): each invalid byte becomes U+FFFD rather than an error."""
+    parts, run = [], []
+    for i in ids:
+        if i == BYTE_EOT:
+            parts += [bytes(run).decode("utf-8", errors="replace"), EOT_TEXT]
+            run = []
+        else:
+            run.append(i)
+    return "".join(parts) + bytes(run).decode("utf-8", errors="replace")
 
 
 def char_encoder(chars):
@@ -358,6 +388,13 @@ def char_token_chunks(docs, chars, eot, batch=1024):
         yield np.insert(table[codes], np.cumsum(lengths), eot)
 
 
+def byte_token_chunks(docs, batch=1024):
+    """uint16 ids of docs as their UTF-8 bytes, an EOT (256) after each document."""
+    for i in range(0, len(docs), batch):
+        data = [np.frombuffer(d.encode("utf-8"), dtype=np.uint8) for d in docs[i:i + batch]]
+        yield np.insert(np.concatenate(data).astype(np.uint16), np.cumsum([d.size for d in data]), BYTE_EOT)
+
+
 def bpe_token_chunks(docs, enc, stats, batch=1024):
     """uint16 ids of docs by a tiktoken Encoding, each document framed as its tokenizer's data are."""
     for i in range(0, len(docs), batch):   # a batch at a time: the ids of all docs as Python ints would be huge
@@ -381,6 +418,9 @@ def write_docs(folder, train_docs, val_docs, tokenizer):
         chars = char_vocabulary(train_docs + val_docs)
         stats = dict(vocab_size=len(chars) + 1, eot_token=len(chars))
         encode_all = lambda docs: char_token_chunks(docs, chars, stats["eot_token"])
+    elif tokenizer == "byte":
+        stats = dict(vocab_size=BYTE_EOT + 1, eot_token=BYTE_EOT)
+        encode_all = byte_token_chunks
     else:
         enc, stats = get_encoding(tokenizer, folder)
         encode_all = lambda docs: bpe_token_chunks(docs, enc, stats)
@@ -412,12 +452,15 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
                          f"choose one of {', '.join(SOURCES)}, or pass --input FILES")
     default_tokenizer = "char" if source == "stdlib" else "gpt2"
     tokenizer = tokenizer or default_tokenizer
-    if tokenizer not in ("char", "gpt2") and "/" not in tokenizer and not os.path.isdir(tokenizer):
-        raise SystemExit(f"prepare.py: unknown tokenizer {tokenizer!r}; choose char or gpt2, or a pretrained "
+    if tokenizer not in ("char", "byte", "gpt2") and "/" not in tokenizer and not os.path.isdir(tokenizer):
+        raise SystemExit(f"prepare.py: unknown tokenizer {tokenizer!r}; choose char, byte or gpt2, or a pretrained "
                          "model's: a Hugging Face repo such as SandyResearch/parcae-tokenizer, or a folder")
     if source == "fineweb-edu" and tokenizer == "char":
         raise SystemExit("prepare.py: fineweb-edu is not for the char tokenizer: its web text has thousands of "
                          "distinct characters, which make a poor (and possibly > 65536 entry) char vocabulary")
+    if source == "fineweb-edu" and tokenizer == "byte":
+        raise SystemExit("prepare.py: fineweb-edu is tokenized shard by shard with a BPE (gpt2 or a pretrained "
+                         "model's); for bytes, pass local text files with --input")
     if num_shards < 1:
         raise SystemExit("prepare.py: --num_shards must be at least 1")
     if url and source != "shakespeare":
@@ -426,7 +469,7 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
     # SandyResearch/parcae-tokenizer@<revision> -> parcae-tokenizer
     suffix = os.path.basename(tokenizer.rstrip("/")).partition("@")[0]
     folder = os.path.join(out_dir, name or (source if tokenizer == default_tokenizer else f"{source}-{suffix}"))
-    if tokenizer not in ("char", "gpt2"):  # a pretrained model's: found once, given a name that travels
+    if tokenizer not in ("char", "byte", "gpt2"):  # a pretrained model's: found once, given a name that travels
         import hub
         path, tokenizer = hub.find_tokenizer(tokenizer)
         os.makedirs(folder, exist_ok=True)
@@ -461,7 +504,7 @@ def main(argv=None):
     p.add_argument("--input", nargs="+", metavar="PATH", help="local text files or folders instead of a source")
     p.add_argument("--suffix", nargs="+", action="extend", default=[], metavar="SUFFIX",
                    help="--input folders: read only the files whose names end so, e.g. --suffix .py .pyi")
-    p.add_argument("--tokenizer", help="char | gpt2 | a pretrained model's: a Hugging Face repo such as "
+    p.add_argument("--tokenizer", help="char | byte | gpt2 | a pretrained model's: a Hugging Face repo such as "
                    "SandyResearch/parcae-tokenizer (NAME@REVISION pins one), or a folder with a tokenizer.json "
                    "(default: char for stdlib, gpt2 otherwise)")
     p.add_argument("--name", help="output folder name (default: the source name)")

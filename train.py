@@ -78,6 +78,7 @@ warmup_iters = 0
 cooldown_frac = 0.5              # trapezoid: the last half of training decays to 0
 min_lr = 0.0                     # cosine: where it ends
 weight_decay = 0.2               # Muon's, decaying linearly to 0 over training
+momentum_warmup_iters = 300      # Muon's momentum rises from 0.85 to 0.95 over these first steps
 grad_clip = 1.0                  # on the global gradient norm; 0 turns clipping off
 # evaluation and logging
 eval_interval = 100
@@ -89,7 +90,7 @@ SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 CHOICES = {"dtype": ("auto", "bfloat16", "float32"),
            "compile": ("auto", True, False), "schedule": ("trapezoid", "cosine")}
 AT_LEAST_ONE = {"block_size", "batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters",
-                "log_interval", "eval_loops"}    # (for eval_loops: each of its entries)
+                "log_interval", "eval_loops", "momentum_warmup_iters"}    # (for eval_loops: each of its entries)
 
 # -----------------------------------------------------------------------------
 # the configurator: defaults <- config file <- --key=value, every value checked
@@ -257,8 +258,10 @@ def get_batch(data, split, step, micro, cfg, device):
     it, its windows and (through torch's seed) its sampled depths and initial state, is a
     function of (seed, split, step, micro) alone. So a resumed run sees exactly the batches
     of an uninterrupted one, and 2 ranks × 1 micro-step read what 1 rank × 2 micro-steps read.
+    Validation (split 1) leaves the seed out: runs that differ only in their seed are
+    measured on the same windows, so their losses differ by training noise alone.
     """
-    rng = np.random.default_rng([cfg.seed, split, step, micro])
+    rng = np.random.default_rng([cfg.seed if split == 0 else 0, split, step, micro])
     torch.manual_seed(int(rng.integers(2**62)))     # the model samples depths and h_0 from torch's RNGs
     starts = rng.integers(0, len(data) - cfg.block_size, size=cfg.batch_size)
     windows = torch.from_numpy(data[starts[:, None] + np.arange(cfg.block_size + 1)].astype(np.int64))
@@ -585,8 +588,9 @@ def train(cfg, rank, world, device):
     steps_since_log = 0
     for step in range(start_step, cfg.max_iters + 1):
         last = step == cfg.max_iters
-        # evaluate and save (not again on the step we resumed at: that happened before)
-        if (step % cfg.eval_interval == 0 or last) and (step > start_step or start_step == 0):
+        # evaluate and save; not at step 0 (the untrained model's loss is about ln(vocab_size), and the
+        # first training loss says so), nor again on the step we resumed at (that happened before)
+        if (step % cfg.eval_interval == 0 or last) and step > start_step:
             t_eval = time.time()
             last_val = evaluate(raw_model, val_data, cfg, rank, world, device, autocast)
             if master:
@@ -596,7 +600,7 @@ def train(cfg, rank, world, device):
             trained = [str(config.mean_loops)] if str(config.mean_loops) in last_val else list(last_val)
             if not all(math.isfinite(last_val[k]) for k in trained):
                 stop(step, "the validation loss is not finite")
-            if master and cfg.save_checkpoint and step > 0:
+            if master and cfg.save_checkpoint:
                 save(ckpt_path, {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                                  "model_config": asdict(config), "settings": vars(cfg), "meta": meta, "step": step,
                                  "pretrained": pretrained_name,
@@ -613,7 +617,7 @@ def train(cfg, rank, world, device):
             for group in opt.param_groups:
                 group["lr"] = lr * scale
         for group in muon.param_groups:
-            group["momentum"] = 0.85 + 0.10 * min(1.0, step / 300)
+            group["momentum"] = 0.85 + 0.10 * min(1.0, step / cfg.momentum_warmup_iters)
             group["weight_decay"] = cfg.weight_decay * (1 - step / cfg.max_iters)
 
         # forward and backward over the micro-batches; DDP averages the gradients over the

@@ -31,6 +31,18 @@ config's whole run would take on 8 GPUs at 8 times that rate:
 
     python bench/throughput.py --large_only --models gpt_770m parcae_770m --out bench/results/throughput_770m
     python bench/throughput.py --large_only --models gpt_1.3b parcae_1.3b --out bench/results/throughput_1.3b
+
+`--small` times the small models of the scaling sweep instead (bench/results/throughput_small):
+    python bench/throughput.py --small
+d 256, 2 heads of 128, the byte vocabulary (257), 64 × 512 tokens a step, μ_rec 4 and μ_bwd 2, in
+the P/R/C layouts 1/2/1 and the sweep's (bench/scaling.py); for each, the Transformer with the same
+unique layers, and Parcae with depths drawn per sequence (as trained) and with one depth for the
+whole step. Every step of --steps (default 400) is timed from one host sync to the next, as
+train.py syncs once a step, compiled as train.py compiles. Steps during which torch.compile made a
+graph are left out of the rates and counted apart; warmup_s is the time until the last of them
+ended (steady state from then on). The rates are of the steady steps of the second half, and count
+useful FLOPs only: each step's from the depths drawn for it, Σ over its sequences of
+model.flops_per_token(loops=T) (work on a sequence that has left the loop would not count).
 """
 
 import argparse
@@ -52,7 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from model import GPT  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,6 +179,140 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, acti
             f.write(table.table(sort_by="device_time_total", row_limit=40))
             f.write("\n\nby CPU time:\n" + table.table(sort_by="cpu_time_total", row_limit=25))
     return result
+
+
+def step_flops(model, depths, seq_len):
+    """Useful training FLOPs of one step of sequences at these depths: each sequence's own
+    model.flops_per_token(loops=T) (the Transformer: its one pass) times its tokens."""
+    if not model.config.looped:
+        return len(depths) * seq_len * model.flops_per_token()
+    return seq_len * sum(model.flops_per_token(loops=T) for T in depths)
+
+
+def graphs_compiled():
+    """How many graphs torch.compile has made so far in this process, forward (Dynamo) and backward (AOT)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"] + counters["aot_autograd"]["total"]
+
+
+def time_steady(model, batch_size, steps, device, compiled=True):
+    """Train `steps` steps on random tokens as train.py does (bf16 autocast on a GPU, clip, one host sync
+    for the finiteness check, Muon + AdamW), drawing the depths here with the model's own sampler so that
+    each step's useful FLOPs are known. Returns, per step: seconds from one sync to the next, graphs
+    compiled during it, and useful FLOPs."""
+    c = model.config
+    if compiled:
+        train.compile_model(model)
+    optimizers = train.configure_optimizers(model, lr=1e-3, weight_decay=0.2, device_type=device.type)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    torch.manual_seed(0)
+    data = torch.randint(0, c.vocab_size, (batch_size, c.block_size + 1), device=device)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    model.train()
+    times, compiles, flops = [], [], []
+    graphs, last = graphs_compiled(), time.perf_counter()
+    for _ in range(steps):
+        depths = model.sample_depths(batch_size) if c.looped else None     # the Transformer ignores depths
+        with autocast:
+            _, loss = model(x, y, depths=depths)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).isfinite().tolist()      # train.py's sync
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        now, n = time.perf_counter(), graphs_compiled()
+        times.append(now - last)
+        compiles.append(n - graphs)
+        flops.append(step_flops(model, depths.tolist() if c.looped else [1] * batch_size, c.block_size))
+        last, graphs = now, n
+    return {"times": times, "compiles": compiles, "flops": flops}
+
+
+def steady_state(steps, tokens_per_step, peak=None):
+    """The rates of time_steady's steps: over the second half, leaving out the steps that compiled; and
+    warmup_s, the time until the last step that compiled ended."""
+    times, compiles, flops = steps["times"], steps["compiles"], steps["flops"]
+    n = len(times)
+    steady = [i for i in range(n // 2, n) if not compiles[i]]
+    seconds = sum(times[i] for i in steady)
+    compiled = [i for i in range(n) if compiles[i]]
+    useful = sum(flops[i] for i in steady) / seconds
+    return {"tokens_per_sec": tokens_per_step * len(steady) / seconds, "useful_flops_per_sec": useful,
+            "mfu": useful / peak if peak else None, "step_ms": 1000 * seconds / len(steady),
+            "warmup_s": sum(times[:compiled[-1] + 1]) if compiled else 0.0, "compile_steps": len(compiled),
+            "compile_steps_s": sum(times[i] for i in compiled),
+            "late_compile_steps": sum(1 for i in compiled if i >= n // 2), "steady_steps": len(steady)}
+
+
+SMALL = dict(vocab_size=257, block_size=512, n_embd=256, n_head=2, mean_loops=4, backprop_loops=2)   # heads of 128
+SMALL_BATCH = 64
+
+
+def small_models(sweep_layers, shape):
+    """(label fields, GPTConfig) of every small model timed: for P/R/C 1/2/1 and the sweep's layout, the
+    Transformer with the same layers, and Parcae with depths per sequence and per step."""
+    out = []
+    for P, R, C in dict.fromkeys([(1, 2, 1), tuple(sweep_layers)]):
+        shape = dict(shape, n_prelude=P, n_core=R, n_coda=C)
+        out.append(({"model": "gpt", "per_sequence_depths": None}, GPTConfig(**shape, injection="none")))
+        for per_sequence in (True, False):
+            out.append(({"model": "parcae", "per_sequence_depths": per_sequence},
+                        GPTConfig(**shape, injection="parcae",
+                                  depth_sampling="per-sequence" if per_sequence else "per-batch")))
+    return out
+
+
+def time_small(steps, device, sweep_layers, compiled=True, save=lambda results: None, batch_size=SMALL_BATCH,
+               **shape):
+    """throughput_small's results: every small model's steady-state training rate (see the docstring).
+    batch_size and shape (GPTConfig fields) replace SMALL's for a test on the CPU."""
+    peak = train.peak_flops(device) if device.type == "cuda" else None
+    shape = {**SMALL, **shape}
+    results = {**machine(device), "steps": steps, "batch_size": batch_size, **shape, "compiled": compiled,
+               "runs": []}
+    for fields, config in small_models(sweep_layers, shape):
+        with torch.device(device):
+            model = GPT(config)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        r = steady_state(time_steady(model, batch_size, steps, device, compiled), batch_size * config.block_size,
+                         peak)
+        results["runs"].append({**fields, "d_model": config.n_embd,
+                                "layers": [config.n_prelude, config.n_core, config.n_coda],
+                                "params": model.num_params(), **r,
+                                "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
+        del model
+        torch._dynamo.reset()           # each model compiles afresh: its warm-up is its own
+        save(results)
+    return results
+
+
+def machine(device):
+    cuda = device.type == "cuda"
+    return {"gpu": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda, "commit": common.environment()["commit"]}
+
+
+def small_markdown(results):
+    lines = [f"Steady-state training of the scaling sweep's small models on one {results['gpu']} (torch "
+             f"{results['torch']}, commit {results['commit']}): vocab {results['vocab_size']}, "
+             f"{results['batch_size']} × {results['block_size']} tokens a step, μ_rec {results['mean_loops']}, "
+             f"μ_bwd {results['backprop_loops']}, {'compiled' if results['compiled'] else 'not compiled'}; "
+             f"{results['steps']} steps, rates over the steady steps of the second half (steps that compiled "
+             "left out), useful FLOPs only. Made by `python bench/throughput.py --small`.", "",
+             "| P/R/C | d | model | depths | tokens/s | step (ms) | MFU | MFU / Transformer's | warm-up (s) "
+             "| steps that compiled (late) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    gpt = {(tuple(r["layers"]), r["d_model"]): r for r in results["runs"] if r["model"] == "gpt"}
+    for r in results["runs"]:
+        ref = gpt.get((tuple(r["layers"]), r["d_model"]))
+        ratio = f"{r['mfu'] / ref['mfu']:.2f}" if r["mfu"] and ref and ref["mfu"] else "–"
+        depths = {None: "–", True: "per sequence", False: "per step"}[r["per_sequence_depths"]]
+        mfu = "–" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+        lines.append(f"| {'/'.join(map(str, r['layers']))} | {r['d_model']} | {r['model']} | {depths} | "
+                     f"{r['tokens_per_sec']:,.0f} | {r['step_ms']:.1f} | {mfu} | {ratio} | "
+                     f"{r['warmup_s']:.1f} | {r['compile_steps']} ({r['late_compile_steps']}) |")
+    return "\n".join(lines) + "\n"
 
 
 def gpu_timeline(prof):
@@ -320,7 +466,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gpt_350m", "parcae_350m", "looped_add_350m",
                                                         "gpt_140m", "parcae_140m", "looped_add_140m"])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, help="timed steps (default 8; with --small 400, all timed)")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step; 2 is what each GPU "
                         "does in the configs' 8-GPU recipe (grad_accum_steps 16 over 8 GPUs)")
@@ -339,11 +485,14 @@ def main():
                         "--models: gpt_770m parcae_770m gpt_1.3b parcae_1.3b, --out: bench/results/throughput_large)")
     parser.add_argument("--flops_ratio_only", action="store_true", help="only print, for each Parcae model, the "
                         "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
+    parser.add_argument("--small", action="store_true", help="only time the scaling sweep's small models in steady "
+                        "state (default --out: bench/results/throughput_small)")
     parser.add_argument("--out", help="the results' path without .json / .md (default: bench/results/throughput)")
     args = parser.parse_args()
     default = ("throughput_layouts" if args.layouts_only else "throughput_cache" if args.cache_modes_only
-               else "throughput_large" if args.large_only else "throughput")
+               else "throughput_large" if args.large_only else "throughput_small" if args.small else "throughput")
     args.out = args.out or os.path.join(ROOT, "bench", "results", default)
+    args.steps = args.steps or (400 if args.small else 8)
     if args.large_only and parser.get_default("models") == args.models:
         args.models = LARGE
     if args.flops_ratio_only:
@@ -355,6 +504,13 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench/throughput.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.small:
+        import scaling      # the sweep's layout
+        write = lambda results: common.write_results(os.path.dirname(args.out), os.path.basename(args.out), results,
+                                                     small_markdown)
+        results = time_small(args.steps, torch.device("cuda"), scaling.SCALING["small"]["layers"], save=write)
+        print(small_markdown(results))
+        return
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
                "cuda": torch.version.cuda, "commit": common.environment()["commit"], "steps": args.steps,
                "warmup": args.warmup, "accum": args.accum, "training": {}, "generation": []}

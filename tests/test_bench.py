@@ -379,6 +379,48 @@ def test_the_large_configs_table_gives_a_runs_time_at_8_gpus_and_says_what_did_n
     assert "| parcae_1.3b activation_checkpoint=False | | 8×2048 × 4 | no | out of memory | | | | 140.0 | |" in table
 
 
+def test_a_steps_useful_flops_count_each_sequence_at_its_own_depth():
+    """Exact: the same products and sums as model.flops_per_token's own, in the same order."""
+    from conftest import tiny
+    model, L = tiny(mean_loops=4, backprop_loops=2), 64
+    f = model.flops_per_token
+    assert throughput.step_flops(model, [3] * 5, L) == L * sum([f(loops=3)] * 5)
+    assert throughput.step_flops(model, [7, 5, 2, 1], L) == L * (f(loops=7) + f(loops=5) + f(loops=2) + f(loops=1))
+    gpt = tiny(injection="none")
+    assert throughput.step_flops(gpt, [1] * 4, L) == 4 * L * gpt.flops_per_token()
+
+
+def test_steady_state_leaves_out_the_steps_that_compiled_and_warmup_ends_after_the_last_of_them():
+    # 8 steps: compiling at 0, 1 and 4 (4 is in the second half, the window); made-up seconds and FLOPs,
+    # sums of small integers and halves: exact in float64
+    steps = {"times": [10.0, 2.0, 1.0, 1.0, 3.0, 0.5, 1.0, 0.5], "compiles": [5, 1, 0, 0, 2, 0, 0, 0],
+             "flops": [8.0, 8.0, 8.0, 8.0, 8.0, 4.0, 8.0, 4.0]}
+    r = throughput.steady_state(steps, tokens_per_step=100, peak=32.0)
+    assert r["steady_steps"] == 3 and r["tokens_per_sec"] == 300 / 2.0 and r["step_ms"] == 1000 * 2.0 / 3
+    assert r["useful_flops_per_sec"] == 16.0 / 2.0 and r["mfu"] == 0.25
+    assert r["warmup_s"] == 17.0 and r["compile_steps"] == 3 and r["late_compile_steps"] == 1
+    assert r["compile_steps_s"] == 15.0
+    assert throughput.steady_state({**steps, "compiles": [0] * 8}, 100)["warmup_s"] == 0.0
+
+
+def test_the_small_throughput_mode_writes_a_run_per_model_and_layout(tmp_path):
+    """On the CPU, not compiled, tiny shapes: the layout of throughput_small.json (no timing asserted)."""
+    write = lambda results: common.write_results(str(tmp_path), "throughput_small", results, throughput.small_markdown)
+    results = throughput.time_small(4, torch.device("cpu"), (1, 1, 1), compiled=False, save=write, batch_size=4,
+                                    block_size=32, n_embd=32, n_head=2, vocab_size=97)
+    with open(tmp_path / "throughput_small.json") as f:
+        assert json.load(f) == json.loads(json.dumps(results))
+    runs = results["runs"]
+    assert [(r["layers"], r["model"], r["per_sequence_depths"]) for r in runs] == [
+        (layers, model, depths) for layers in ([1, 2, 1], [1, 1, 1])
+        for model, depths in (("gpt", None), ("parcae", True), ("parcae", False))]
+    for r in runs:
+        assert r["d_model"] == 32 and r["tokens_per_sec"] > 0 and r["mfu"] is None and r["warmup_s"] == 0.0
+        assert r["steady_steps"] == 2 and r["compile_steps"] == 0       # the second half, nothing compiled
+    table = (tmp_path / "throughput_small.md").read_text()
+    assert table.count("| 1/2/1 | 32 |") == 3 and "per sequence" in table and "per step" in table
+
+
 def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(tmp_path):
     from conftest import tiny
     path = tmp_path / "profiles" / "generate.txt"

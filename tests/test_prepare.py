@@ -110,6 +110,35 @@ def test_char_tokenizer_ids_are_positions_in_chars_and_unknown_characters_are_na
         encode("abz")
 
 
+def test_byte_tokenizer_writes_each_files_utf8_bytes_then_256(corpus, tmp_path):
+    root, docs = corpus
+    (root / "header.h").write_text("int f(void); // ✓\n")
+    (root / "util.hpp").write_text("template <class T> T g(T);\n")
+    prepare.main(["--input", str(root), "--suffix", ".txt", ".h", ".hpp", "--tokenizer", "byte",
+                  "--out_dir", str(tmp_path / "data")])
+    meta, train, val = read(tmp_path / "data" / "text-byte")
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("byte", 257, 256) and "chars" not in meta
+    # in path order: doc00-doc10, header.h, util.hpp (empty.txt and latin1.txt skipped, sub/zz.md not asked for)
+    kept = docs[:11] + ["int f(void); // ✓\n", "template <class T> T g(T);\n"]
+    assert (meta["val_docs"], meta["train_docs"]) == (2, 11)
+    assert val.tobytes() == b"".join(np.array(list(d.encode()) + [256], dtype=np.uint16).tobytes()
+                                     for d in kept[::10])
+    encode, decode = prepare.load_tokenizer(meta)
+    train_docs = [d for i, d in enumerate(kept) if i % 10]
+    assert decode(train.tolist()) == joined(train_docs) and encode(joined(train_docs)) == train.tolist()
+
+
+def test_bytes_that_are_not_utf8_decode_as_replacement_characters():
+    """A model's bytes need not form UTF-8: ✓ is 3 bytes, cut after 2 by the end of a sample or by a
+    document's end; a lone continuation byte is invalid anywhere. Each becomes U+FFFD, not an error."""
+    encode, decode = prepare.load_tokenizer({"tokenizer": "byte", "vocab_size": 257, "eot_token": 256})
+    check = list("✓".encode())
+    assert encode(f"a✓{EOT}b") == [97, *check, 256, 98] and decode(encode(f"a✓{EOT}b")) == f"a✓{EOT}b"
+    assert decode([97, *check[:2]]) == "a\ufffd"
+    assert decode([*check[:2], 256, 98]) == f"\ufffd{EOT}b"     # the end-of-text token does not join bytes
+    assert decode([0x80, 97]) == "\ufffda"
+
+
 def test_gpt2_tokenizer_on_a_folder(corpus, tmp_path):
     gpt2_or_skip()
     root, docs = corpus
@@ -125,7 +154,7 @@ def test_gpt2_tokenizer_on_a_folder(corpus, tmp_path):
     assert encode(joined([docs[0], docs[10]])) == val.tolist()
 
 
-@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+@pytest.mark.parametrize("tokenizer", ["char", "byte", "gpt2"])
 def test_a_literal_endoftext_inside_a_file_is_text_not_a_document_boundary(tokenizer, tmp_path):
     if tokenizer == "gpt2":
         gpt2_or_skip()
@@ -250,6 +279,7 @@ def refused_url():
     (dict(inputs=["no/such/path"]), "no/such/path is not a file or folder; check the --input path"),
     (dict(source="stdlib", inputs=["EMPTY"]), "give either --source or --input, not both"),
     (dict(source="fineweb-edu", tokenizer="char"), "fineweb-edu is not for the char tokenizer"),
+    (dict(source="fineweb-edu", tokenizer="byte"), "for bytes, pass local text files with --input"),
     (dict(source="shakespeare", url="REFUSED"),
      "could not download .*refused.*; connect to the internet, or pass --input with a local copy"),
     (dict(source="fineweb-edu", url="REFUSED"), "--url is where shakespeare comes from; fineweb-edu has none"),

@@ -59,6 +59,22 @@ def test_a_prompt_outside_the_vocabulary_is_a_clear_error(out_dir):
     assert run.returncode == 1 and "cannot encode the prompt" in run.stderr
 
 
+def test_a_byte_level_model_samples_any_prompt_and_prints_invalid_utf8_as_replacement_characters(tmp_path, capsys):
+    """Byte ids drawn one at a time need not form UTF-8 (a barely trained model draws bytes ≥ 0x80 at random):
+    sample.py prints them as U+FFFD instead of failing. Any text is a valid prompt."""
+    import prepare
+    (tmp_path / "a.py").write_text("def f(x):\n    return x\n\n" * 200)
+    data = prepare.prepare(inputs=[str(tmp_path / "a.py")], tokenizer="byte", out_dir=tmp_path / "data")
+    settings = {**TINY, "max_iters": 2, "eval_interval": 2, "data_dir": data, "out_dir": str(tmp_path / "out")}
+    train.main([f"--{k}={v!r}" for k, v in settings.items()])
+    capsys.readouterr()
+    sample_py.main([f"--out_dir={tmp_path / 'out'}", "--start", "Ω =", "--num_samples=2", "--max_new_tokens=200",
+                    "--temperature=2", "--top_k=0"])
+    out = capsys.readouterr().out
+    assert out.count("-" * 40) == 2 and all(s.lstrip("\n").startswith("Ω =") for s in out.split("-" * 40)[:2])
+    assert "\ufffd" in out
+
+
 def test_a_missing_prompt_file_is_a_clear_error(out_dir, tmp_path):
     with pytest.raises(SystemExit, match="cannot read the prompt file .*nowhere.txt"):
         sample_py.main([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'nowhere.txt'}"])
