@@ -40,18 +40,19 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(head_dim, max_len, base=50_000.0):
-    """cos and sin of position / base^(2i/head_dim), (max_len, head_dim/2), fp32, rounded as the release rounds."""
+    """cos and sin per channel, (max_len, head_dim) fp32, of the angle position / base^(2i/head_dim) of pair
+    (2i, 2i+1), rounded as the release rounds it; sin is negated on channel 2i, as it enters the rotation there."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)     # not base^(-2i/d)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate the interleaved pairs of channels (2i, 2i+1) of x (B, L, H, D) by their angle."""
-    x1, x2 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)   # even and odd channels, in fp32
-    cos, sin = cos[:, None, :], sin[:, None, :]                 # broadcast over the heads
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate the interleaved pairs of channels of x (B, L, heads, D) by their angle, in the tables' fp32:
+    (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin), as x·cos + (x, pairs swapped)·sin."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)       # (x_2i+1, x_2i)
+    return (x * cos[:, None] + swapped * sin[:, None]).type_as(x)   # the tables broadcast over the heads
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,42 +61,38 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         d, self.n_head = config.n_embd, config.n_head
         self.head_dim = d // self.n_head
-        self.c_q = nn.Linear(d, d, bias=False)
-        self.c_k = nn.Linear(d, d, bias=False)
-        self.c_v = nn.Linear(d, d, bias=False)
+        # q, k and v in one matmul: c_attn's rows are the release's c_q, c_k and c_v stacked, each
+        # initialised and orthogonalised by Muon on its own (reset_parameters, train.configure_optimizers)
+        self.c_attn = nn.Linear(d, 3 * d, bias=False)
         self.c_proj = nn.Linear(d, d, bias=False)
         # value embeddings: a per-head gate mixes the token's own embedding (a separate table) into v
         self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
 
-    def forward(self, x, ve, cos, sin, cache=None):
+    def forward(self, x, ve, cos, sin, slot=None):
         B, L, d = x.shape
-        q = self.c_q(x).view(B, L, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, L, self.n_head, self.head_dim)
-        v = self.c_v(x).view(B, L, self.n_head, self.head_dim)
+        qkv = self.c_attn(x).view(B, L, 3 * self.n_head, self.head_dim)      # the heads of q, then k, then v
+        qk, v = qkv.split((2 * self.n_head, self.n_head), dim=2)
         if ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))    # (B, L, n_head), in (0, 2)
             v = v + gate.unsqueeze(-1) * ve.view_as(v).type_as(v)
-        # RoPE first, then a parameter-free RMS norm of q and k (QK-norm keeps logits tame), with
-        # PyTorch's default eps (the dtype's machine epsilon), as the release computes it
-        q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,))
-        k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,))
+        # RoPE, then a parameter-free RMS norm of q and k (QK-norm keeps logits tame) with PyTorch's default
+        # eps, as the release computes it; q and k in one go, then in v's dtype, as autocast's attention would
+        qk = F.rms_norm(apply_rotary(qk, cos, sin), (self.head_dim,)).type_as(v)
+        q, k = qk.split(self.n_head, dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
-        if cache is None:
+        if slot is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:       # decoding: the cache keeps the new keys and values, and gives back all there are to see
-            k, v, mask = cache.update(k, v)
+        else:       # decoding: the slot keeps the new keys and values, and gives back all there are to see
+            k, v, mask = slot.update(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
 
 
 class KVCache:
-    """Keys and values for decoding, one CacheSlot per layer application: prelude[i], core[r][j] (layer j at
-    iteration r), coda[i]. The full cache (the release's) gives each iteration its own core slots; the shared
-    one gives core layer j one slot that all overwrite: its memory does not grow with the loops, but a later
-    token sees an earlier one's keys and values of its last iteration only. Shapes never change, so that a step
-    can be replayed as a CUDA graph: slots span the window (zeros: a masked NaN would still poison attention),
-    the next position is on the device (`pos`; `length` on the host), and attention reads the filled
-    positions rounded up to a multiple of `bucket` (`span`). MODEL.md section 7 has the whole story."""
+    """Keys and values for decoding, a CacheSlot per layer application: prelude[i], core[r][j] (layer j at
+    iteration r), coda[i]; the shared cache's core[r] are one set for all r (MODEL.md section 7). Fixed shapes,
+    for CUDA graphs: slots span the window (zeros: a masked NaN still poisons attention), the next position
+    is on the device (`pos`; `length` on the host), attention reads `span`, the filled part rounded up to `bucket`."""
 
     def __init__(self, model, batch_size, loops=None, shared=False, bucket=256):
         c, w = model.config, model.wte.weight
@@ -113,10 +110,9 @@ class KVCache:
 
     def start(self, L, loops):
         """A forward of L new tokens at `loops` begins: their positions, and which keys each of them may see."""
-        if self.length + L > self.max_len:
-            raise ValueError(f"the cache holds {self.length} of {self.max_len} positions, no room for {L} more")
-        if loops > self.loops:
-            raise ValueError(f"the cache has slots for {self.loops} loops: more loops than it was made for")
+        if self.length + L > self.max_len or loops > self.loops:
+            raise ValueError(f"the cache, made for {self.loops} loops, holds {self.length} of {self.max_len} "
+                             f"positions: no room for {L} more tokens at {loops} loops")
         self.span = min(self.max_len, -(-(self.length + L) // self.bucket) * self.bucket)      # rounded up
         self.positions = self.pos + torch.arange(L, device=self.pos.device)
         self.mask = torch.arange(self.span, device=self.pos.device) <= self.positions[:, None]     # (L, span)
@@ -143,14 +139,13 @@ class CacheSlot:
         self.cache, self.k, self.v, self.previous = cache, zeros, zeros.clone(), previous
 
     def update(self, k, v):
-        """Write the new tokens' keys and values (B, H, L, D) at their positions (an exited token's stay as they
-        were: GPT.decode_iteration); return the keys, values and mask to attend to."""
+        """Write the new tokens' keys and values (B, H, L, D), an exited token's as they were; return all to see."""
         c = self.cache
         if self.previous is not None and c.exited is not None:      # (set by GPT.begin)
             exited = c.exited[:, None, :, None]                 # (B, L) -> (B, H, L, D), broadcast
             k = torch.where(exited, self.previous.k[:, :, c.positions], k)
             v = torch.where(exited, self.previous.v[:, :, c.positions], v)
-        self.k.index_copy_(2, c.positions, k.to(self.k.dtype))      # k may be fp32: rms_norm's output
+        self.k.index_copy_(2, c.positions, k.to(self.k.dtype))      # the cache may keep another dtype
         self.v.index_copy_(2, c.positions, v.to(self.v.dtype))
         return self.k[:, :, :c.span], self.v[:, :, :c.span], c.mask
 
@@ -177,23 +172,21 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.value_embed = nn.Embedding(config.padded_vocab_size, config.n_embd) if has_value_embed else None
 
-    def forward(self, x, idx, cos, sin, cache=None):
+    def forward(self, x, idx, cos, sin, slot=None):
         ve = self.value_embed(idx) if self.value_embed is not None else None
-        x = x + self.attn(self.norm_1(x), ve, cos, sin, cache)
+        x = x + self.attn(self.norm_1(x), ve, cos, sin, slot)
         return x + self.mlp(self.norm_2(x))
 
 # -----------------------------------------------------------------------------
 # injections: how the input embedding e enters the state h at every iteration
 
 class ParcaeInjection(nn.Module):
-    """
-    u = Ā ⊙ h + Δ ⊙ (e Bᵀ),   Δ = softplus(dt_bias),   Ā = exp(-Δ ⊙ exp(A_log)).
+    """u = Ā ⊙ h + Δ ⊙ (e Bᵀ),   Δ = softplus(dt_bias),   Ā = exp(-Δ ⊙ exp(A_log)).
 
     A = -exp(A_log) is a negative diagonal continuous-time matrix; discretising it with
     step Δ (zero-order hold) gives Ā = exp(Δ A). Since Δ > 0 and exp(A_log) > 0, the
     exponent is negative and 0 < Ā < 1 whatever A_log and dt_bias are: the state decays
-    rather than grows, so the loop is stable by construction. B̄ = Δ B is an Euler step.
-    """
+    rather than grows, so the loop is stable by construction. B̄ = Δ B is an Euler step."""
 
     def __init__(self, d):
         super().__init__()
@@ -201,8 +194,7 @@ class ParcaeInjection(nn.Module):
         # start at Δ = ln √5 so that Ā = exp(-ln √5) = 1/√5 ≈ 0.447 on every channel
         self.dt_bias = nn.Parameter(torch.full((d,), math.log(math.expm1(math.log(math.sqrt(5))))))
         self.B = nn.Linear(d, d, bias=False)
-        with torch.no_grad():
-            self.B.weight.copy_(torch.eye(d))       # B = I: e enters every channel as is
+        nn.init.eye_(self.B.weight)                 # B = I: e enters every channel as is
 
     def discretize(self):
         delta = F.softplus(self.dt_bias)
@@ -274,10 +266,9 @@ class GPTConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.n_head < 1 or self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
-        if self.n_embd < 32:
-            raise ValueError(f"n_embd={self.n_embd} is too small: the value-embedding gate reads 32 channels")
+        if self.n_embd < 32 or self.n_head < 1 or self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must be at least 32 (the value-embedding gate reads 32 channels) "
+                             f"and split into n_head={self.n_head} heads of even size")
         if self.looped and min(self.n_core, self.mean_loops, self.backprop_loops) < 1:
             raise ValueError("a looped model needs n_core, mean_loops and backprop_loops of at least 1")
 
@@ -299,8 +290,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        # number the unique layers prelude, core, coda; every other one, ending with
-        # the last, owns a value-embedding table (a core layer reuses its table each loop)
+        # every other layer, ending with the last, owns a value-embedding table (a core layer's serves every loop)
         ve = [i % 2 == (c.n_layer - 1) % 2 for i in range(c.n_layer)]
         self.wte = nn.Embedding(c.padded_vocab_size, c.n_embd)
         self.prelude = nn.ModuleList(Block(c, ve[i]) for i in range(c.n_prelude))
@@ -311,9 +301,8 @@ class GPT(nn.Module):
             self.injection = INJECTIONS[c.injection](c.n_embd)
             self.C = nn.Linear(c.n_embd, c.n_embd, bias=False)
         self.norm_f = RMSNorm(c.n_embd)
-        cos, sin = rotary_tables(c.n_embd // c.n_head, c.block_size)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        for name, table in zip(("cos", "sin"), rotary_tables(c.n_embd // c.n_head, c.block_size)):
+            self.register_buffer(name, table, persistent=False)
         self.state_sigma = math.sqrt(2 / (5 * c.n_embd))
         self.last_state = {}            # read-outs of the last forward's loop, see stability_stats()
         self.reset_parameters()
@@ -321,16 +310,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """The official "scaled-zero" init: orthogonal matrices at entry RMS σ, out-projections zero."""
-        sigma = self.state_sigma
-
         def orthogonal(weight, gain=1.0):
             nn.init.orthogonal_(weight)
-            weight.mul_(gain * sigma * math.sqrt(max(weight.shape)))   # each entry now has RMS gain·σ
+            weight.mul_(gain * self.state_sigma * math.sqrt(max(weight.shape)))     # each entry now has RMS gain·σ
 
         orthogonal(self.wte.weight)     # also the LM head (tied)
         for block in self.blocks():
-            for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                orthogonal(w.weight, math.sqrt(0.4))
+            for w in block.attn.c_attn.weight.chunk(3):     # q, k and v: three orthogonal matrices
+                orthogonal(w, math.sqrt(0.4))
             orthogonal(block.mlp.fc.weight, math.sqrt(1.6))
             # zero out-projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
@@ -351,14 +338,13 @@ class GPT(nn.Module):
     # forward
 
     def sample_depths(self, batch_size):
-        """Training depths T per sequence, sorted from deepest to shallowest (CPU ints)."""
+        """Training depths T per sequence (CPU ints), sorted from deepest to shallowest: which row gets which depth
+        does not matter (the windows are random), and sorted, the sequences still running are a prefix."""
         c = self.config
         if c.depth_sampling == "fixed":
             return torch.full((batch_size,), c.mean_loops)
         n = batch_size if c.depth_sampling == "per-sequence" else 1
         T = torch.poisson(torch.full((n,), float(c.mean_loops))).long().clamp(min=1)
-        # Which row gets which depth does not matter (the windows are random), so we sort:
-        # then the sequences still running at any step are a prefix of the batch.
         return T.sort(descending=True).values.expand(batch_size)
 
     def check_loops(self, loops):       # one rule for every path
@@ -386,14 +372,14 @@ class GPT(nn.Module):
         c, L = self.config, idx.size(1)
         if L > c.block_size:
             raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
-        s = SimpleNamespace(idx=idx, cache=cache, loops=self.check_loops(loops) if c.looped else 0, threshold=exit_threshold)
+        loops = self.check_loops(loops) if c.looped else 0
+        s = SimpleNamespace(idx=idx, cache=cache, loops=loops, threshold=exit_threshold)
         positions = slice(0, L) if cache is None else cache.start(L, s.loops)    # the tokens' positions
         s.cos, s.sin, s.x = self.cos[positions], self.sin[positions], self.wte(idx)
         slots = [None] * c.n_layer if cache is None else [*cache.prelude, *cache.core[0]]
         for block, slot in zip([*self.prelude, *([] if c.looped else self.core)], slots):
             s.x = block(s.x, idx, s.cos, s.sin, slot)
-        if c.looped:
-            s.e = self.prelude_norm(s.x)
+        s.e = self.prelude_norm(s.x) if c.looped else None
         if cache is not None:           # (the cache reads `exited` too: an exited token keeps its keys and values)
             s.h, exiting = self.initial_state(s.e) if s.loops else None, exit_threshold is not None
             s.exited = cache.exited = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device) if exiting else None
@@ -411,41 +397,43 @@ class GPT(nn.Module):
         """Logits (tied head, logit scale 1) and, given targets, the mean cross-entropy in fp32. Compiled
         (train.py), the fp32 upcast fuses into the log-softmax: no fp32 copy of the (B, L, 50k) logits."""
         logits = F.linear(self.norm_f(x), self.wte.weight)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def recur(self, e, idx, depths, n_grad, cos, sin):
-        """Run the core blocks depths[b] times on sequence b, injecting e at every iteration.
-
-        The iterations are right-aligned: all sequences finish on the last step, and one of depth T
-        joins at step T_max - T. Gradient is on only for the last n_grad steps, so each sequence
-        backpropagates through its last min(T, n_grad) iterations (truncated backprop through depth);
-        the earlier ones run under no_grad and keep no activations. e always carries gradient back
-        to the prelude. Sorted by depth, the running sequences are a prefix h[:m]: every step
-        computes only those, instead of padding them all to the deepest."""
+        """Run the core blocks depths[b] times on sequence b, injecting e at every iteration. The iterations are
+        right-aligned: all sequences finish on the last step, and one of depth T joins at step T_max - T. Gradient
+        is on only for the last n_grad steps, so each sequence backpropagates through its last min(T, n_grad)
+        iterations (truncated backprop through depth); the earlier ones run under no_grad and keep no activations. e
+        always carries gradient back to the prelude. Sorted by depth, the running sequences are a prefix h[:m]:
+        every step computes only those, instead of padding them all to the deepest."""
         depths, order = depths.sort(descending=True, stable=True)
         permuted = not torch.equal(order, torch.arange(len(order)))
         h = self.initial_state(e)
         if permuted:
             order = order.to(e.device)
             e, idx, h = e[order], idx[order], h[order]
-        T_max = int(depths[0])
-        norms = []
+        T_max, norms = int(depths[0]), []
         for step in range(T_max):
             m = int((depths >= T_max - step).sum())     # sequences running at this step
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= T_max - n_grad):
                 h_prev = h
-                u = self.injection(h[:m], e[:m])
-                for block in self.core:
-                    u = block(u, idx[:m], cos, sin)
+                u = self.core_iteration(h[:m], e[:m], idx[:m], cos, sin)
                 h = u if m == len(h) else torch.cat([u, h[m:]])
             norms.append(u.detach().float().norm(dim=-1).mean())
         # cheap stability read-outs, kept as tensors: no host sync until someone logs them
         residual = (h - h_prev).detach().float().norm(dim=-1).mean() / norms[-1]
         self.last_state = {"norms": norms, "residual": residual}
         return h[torch.argsort(order)] if permuted else h
+
+    def core_iteration(self, h, e, idx, cos, sin, slots=None):
+        """One iteration of the loop, h <- core_blocks(inject(h, e)), decoding writing the cache slots of its core
+        layers if given. (train.py replays it as a CUDA graph where it runs without gradient: GraphedIterations.)"""
+        u = self.injection(h, e)
+        for block, slot in zip(self.core, slots or [None] * len(self.core)):
+            u = block(u, idx, cos, sin, slot)
+        return u
 
     # -------------------------------------------------------------------------
     # decoding through a KV cache: fixed loops (mode 4) or per-token exit (mode 5)
@@ -456,7 +444,7 @@ class GPT(nn.Module):
         values: `loops` iterations each (default mean_loops), or with an exit_threshold at most that many."""
         s = self.begin(idx, cache, loops, exit_threshold)
         for r in range(s.loops):
-            if self.decode_iteration(s, r) and r < s.loops - 1:    # a host sync: has every token exited?
+            if self.decode_iteration(s, r):     # a host sync: has every token exited?
                 cache.skip(r, s.loops)
                 break
         self.last_state = {"loops_per_token": s.used}
@@ -464,16 +452,12 @@ class GPT(nn.Module):
 
     def decode_iteration(self, s, r):
         """Core iteration r of decoding state s and, under per-token exit, the whole rule: token i leaves the loop
-        once its state stops moving, ‖h_r - h_(r-1)‖ / ‖h_r‖ < threshold; its state then stays as it is, and so
-        do its keys and values (CacheSlot.update), which a token looping further attends to. Every row runs
-        until all have exited (at decoding batch sizes a matmul costs the time of reading the weights, so
-        dropping rows would save nothing): returns whether they have."""
-        u = self.injection(s.h, s.e)
-        for block, slot in zip(self.core, s.cache.core[r]):
-            u = block(u, s.idx, s.cos, s.sin, slot)
+        once ‖h_r - h_(r-1)‖ / ‖h_r‖ < threshold, and its state, keys and values (CacheSlot.update) then stay as
+        they are. Every row runs until all have exited (MODEL.md section 7): returns whether they have."""
+        u = self.core_iteration(s.h, s.e, s.idx, s.cos, s.sin, s.cache.core[r])
         if s.threshold is None:
             s.h = u
-            return None
+            return False
         change = (u - s.h).float().norm(dim=-1) / u.float().norm(dim=-1)
         s.h.copy_(torch.where(s.exited[..., None], s.h, u))     # in place: the state a CUDA graph replays
         s.used += ~s.exited
@@ -488,15 +472,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stability_stats(self):
-        """‖h‖ after each step of the last forward's loop (mean per-token L2 norm over the sequences
-        running at that step), its last value ‖h_T‖, the last-step residual ‖h_T - h_(T-1)‖ / ‖h_T‖,
-        and max / mean of Ā (for "linear": W_x's top singular value; "add": 1). {} without a loop."""
+        """‖h‖ after each step of the last forward's loop (mean per-token L2 norm over the sequences running then),
+        ‖h_T‖, the last residual ‖h_T - h_(T-1)‖ / ‖h_T‖ and max / mean of Ā (linear: W_x's top singular value)."""
         if not self.config.looped or "norms" not in self.last_state:
             return {}
         norms = [n.item() for n in self.last_state["norms"]]
-        stats = {"state_norm": norms[-1], "state_norms": norms, "residual": self.last_state["residual"].item()}
-        stats.update({k: v.item() for k, v in self.injection.transition_stats().items()})
-        return stats
+        return {"state_norm": norms[-1], "state_norms": norms, "residual": self.last_state["residual"].item(),
+                **{k: v.item() for k, v in self.injection.transition_stats().items()}}
 
     def flops_per_token(self, seq_len=None, loops=None):
         """Training FLOPs per token (matmuls only): the forward runs the core `loops` times (default

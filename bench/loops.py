@@ -68,7 +68,8 @@ def main(argv=None):
     p.add_argument("--loops", nargs="+", type=int, help="test-time depths (default: the preset's)")
     p.add_argument("--batches", type=int, help="validation batches per depth (default: the preset's)")
     p.add_argument("--init_from", help="a pretrained model instead: a Hugging Face repo such as "
-                                       "SandyResearch/parcae-140m, or a folder holding its files (hub.py)")
+                                       "SandyResearch/parcae-140m (@REVISION pins one), or a folder holding "
+                                       "its files (hub.py)")
     p.add_argument("--adaptive", action="store_true", help="measure per-token exit and the shared cache instead")
     p.add_argument("--cap", type=int, help="--adaptive: the most loops a token may run (default 2·μ_rec)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002],
@@ -381,14 +382,16 @@ def decoding_speed(model, x, mu, cap, eps):
     rows = []
     for batch in (1, 8):
         prompt = x[:batch, :PROMPT]
-        for loops, threshold, shared, graph in ((mu, None, False, True), (cap, None, False, True), (cap, eps, False, True),
-                                                (cap, eps, True, True), (cap, eps, False, False)):
+        runs = [(mu, None, False, True), (cap, None, False, True), (cap, eps, False, True), (cap, eps, True, True),
+                (cap, eps, False, False)]       # (loops, threshold, shared cache, CUDA graphs)
+        for loops, threshold, shared, graph in runs:
             rate, stats = decoding_rate(model, prompt, loops=loops, exit_threshold=threshold, shared_cache=shared,
                                         cuda_graph=graph)
             used = stats.get("loops_per_token", torch.full((batch, 1), float(loops)))
             rows.append({"batch_size": batch, "loops": loops, "threshold": threshold, "cuda_graph": graph,
                          "kv_cache": "shared" if shared else "full", "tokens_per_sec": rate,
-                         "mean_loops": used.float().mean().item(), "iterations": used.max(0).values.float().mean().item()})
+                         "mean_loops": used.float().mean().item(),
+                         "iterations": used.max(0).values.float().mean().item()})
             print(f"  batch {batch}, {loops} loops, {'ε = %g' % threshold if threshold is not None else 'fixed'}, "
                   f"{rows[-1]['kv_cache']} cache, {'graphs' if graph else 'eager'}: {rate:,.0f} tokens/s", flush=True)
     return rows
@@ -458,8 +461,8 @@ def adaptive_markdown(results):
         if r.get("speed_claim"):
             s = r["speed_claim"]
             lines += ["", f"Claim: adaptive exit at batch 1, as graphs, decodes {s['ratio']['full']:.2f}× as fast as "
-                      f"fixed T = {r['mean_loops']} as graphs (the shared cache: {s['ratio']['shared']:.2f}×): the claim "
-                      f"(≥ 1.25×, full cache) {'holds' if s['holds'] else 'does not hold'}."]
+                      f"fixed T = {r['mean_loops']} as graphs (the shared cache: {s['ratio']['shared']:.2f}×): the "
+                      f"claim (≥ 1.25×, full cache) {'holds' if s['holds'] else 'does not hold'}."]
         lines.append("")
     return "\n".join(lines) + common.provenance(results)
 
@@ -573,13 +576,13 @@ def speculative_markdown(results):
                       "| K | drafts per verify | acceptance | tokens per verify | tokens/s | × plain |",
                       "|---|---|---|---|---|---|"]
             lines += [f"| {d['draft_loops']} | {d['draft_tokens']} | {100 * d['acceptance']:.0f} % | "
-                      f"{d['tokens_per_verify']:.2f} | {fmt(d['tokens_per_sec'], ',.0f')} | {fmt(d['speedup'], '.2f')} |"
-                      for d in rows[1:]]
+                      f"{d['tokens_per_verify']:.2f} | {fmt(d['tokens_per_sec'], ',.0f')} | "
+                      f"{fmt(d['speedup'], '.2f')} |" for d in rows[1:]]
             lines.append("")
         best = r["claim"]["best"]
-        lines += ["Claim: " + (f"the fastest at T = 16, sampled, is K = {best['draft_loops']} with {best['draft_tokens']} "
-                               f"drafts per verify, {best['speedup']:.2f}× plain decoding: the claim (≥ 1.5×) "
-                               f"{'holds' if r['claim']['holds'] else 'does not hold'}." if best else
+        lines += ["Claim: " + (f"the fastest at T = 16, sampled, is K = {best['draft_loops']} with "
+                               f"{best['draft_tokens']} drafts per verify, {best['speedup']:.2f}× plain decoding: the "
+                               f"claim (≥ 1.5×) {'holds' if r['claim']['holds'] else 'does not hold'}." if best else
                                "not measured (T = 16 on a GPU)."), ""]
     return "\n".join(lines) + common.provenance(results)
 
