@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from prepare import load_tokenizer
 
 
 class KVCache:
@@ -238,7 +239,6 @@ def main(argv=None):
     if args.exit_threshold is not None and not model.config.looped:
         raise SystemExit(f"{path} holds a plain Transformer: it has no loop to exit early (drop --exit_threshold)")
 
-    from prepare import load_tokenizer      # here, so that --help works without prepare's dependencies
     encode, decode = load_tokenizer(meta)
     device = train.pick_device(args.device, local_rank=0)
     # bf16 autocast on cuda, as in training; fp32 elsewhere

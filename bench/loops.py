@@ -33,6 +33,7 @@ Writes loops.json, loops.md and loops.png to --results_dir.
     adaptive exit, which must launch from Python (its loop ends on a host-side test).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +50,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import common  # noqa: E402
 import sample  # noqa: E402  (its KV cache)
+from model import GPT  # noqa: E402
 import train  # noqa: E402  (its evaluation, and its checkpoint reading)
 
 
@@ -255,16 +257,20 @@ def adaptive_loss(model, data_dir, settings, cap, eps, batches, device):
     return {"threshold": eps, "loss": float(np.mean(losses)), "mean_loops": float(np.mean(loops))}
 
 
-def forward_flops(model, loops, kl=False):
-    """Forward matmul FLOPs per token (model.flops_per_token's terms) at `loops` iterations; with kl,
-    the coda, C and the head also run after every iteration, as the KL criterion needs."""
-    c = model.config
-    block = sum(p.numel() for n, p in model.core[0].named_parameters()
-                if n.endswith("weight") and p.dim() == 2 and "value_embed" not in n)
-    per_block = 2 * block + 2 * c.block_size * c.n_embd
-    head, inj, C = 2 * c.n_embd * c.padded_vocab_size, 2 * c.n_embd ** 2, 2 * c.n_embd ** 2
-    readout = c.n_coda * per_block + C + head
-    return c.n_prelude * per_block + loops * (c.n_core * per_block + inj) + (loops if kl else 1) * readout
+def forward_flops(model, loops, readout=0):
+    """Forward matmul FLOPs per token at `loops` iterations (a mean, for tokens that exit), the model's own
+    count. The KL criterion also runs C, the coda and the head after every earlier iteration: pass their
+    cost as readout (readout_flops)."""
+    return model.flops_per_token(loops=loops, backward=False) + (loops - 1) * readout
+
+
+def readout_flops(model):
+    """Forward FLOPs per token of C, the coda and the head, by the model's own count: a model like this one
+    but without a prelude costs them plus T iterations at T loops, so F(1) − (F(2) − F(1)) leaves them."""
+    with torch.device("meta"):
+        bare = GPT(dataclasses.replace(model.config, n_prelude=0))
+    one, two = (bare.flops_per_token(loops=T, backward=False) for T in (1, 2))
+    return 2 * one - two
 
 
 @torch.no_grad()
@@ -299,7 +305,7 @@ def simulate_criteria(model, data_dir, settings, cap, batches, device):
         nll.append(torch.stack([p[0] for p in per_T])), change.append(torch.stack([p[1] for p in per_T]))
         kl.append(torch.stack([p[2] for p in per_T]))
     nll, change, kl = (torch.cat(t, dim=1) for t in (nll, change, kl))
-    out = {}
+    out, readout = {}, readout_flops(model)
     for name, crit in (("state", change), ("kl", kl)):
         points = []
         for eps in np.logspace(-5, 0.5, 56):
@@ -308,7 +314,8 @@ def simulate_criteria(model, data_dir, settings, cap, batches, device):
             exit_at = below.float().argmax(dim=0)               # first T (0-based) below the threshold
             loss = nll.gather(0, exit_at[None])[0].mean().item()
             T = exit_at.float().mean().item() + 1
-            flops = forward_flops(model, T, kl=name == "kl")     # affine in the loops: the mean's is the mean
+            # affine in the loops: the cost at the mean exit depth is the mean cost
+            flops = forward_flops(model, T, readout if name == "kl" else 0)
             points.append({"threshold": float(eps), "loss": loss, "mean_loops": T, "forward_mflops": flops / 1e6})
         out[name] = points
     out["fixed_mflops"] = {str(T): forward_flops(model, T) / 1e6 for T in range(1, cap + 1)}

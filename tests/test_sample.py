@@ -11,8 +11,6 @@ from conftest import ROOT, TINY, tiny, tokens, write_char_data
 import sample as sample_py
 from sample import KVCache, bf16_weights, generate
 
-pytest.importorskip("prepare", reason="sample.py decodes with prepare.load_tokenizer")
-
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
