@@ -18,7 +18,6 @@ counts. Writes bench/results/ddp.json and ddp.md. NVLink multicast stays off
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -125,10 +124,7 @@ def main(argv=None):
 
 def write(results, args):
     os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "ddp.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.results_dir, "ddp.md"), "w") as f:
-        f.write(markdown(results))
+    common.write_results(args.results_dir, "ddp", results, markdown)
 
 
 def markdown(results):

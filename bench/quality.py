@@ -66,9 +66,7 @@ def main(argv=None):
 
     def report(_=None):
         results = collect(args, runs, rates)
-        common.write_json(os.path.join(args.results_dir, "quality.json"), results)
-        with open(os.path.join(args.results_dir, "quality.md"), "w") as f:
-            f.write(markdown(results))
+        common.write_results(args.results_dir, "quality", results, markdown)
         return results
 
     common.run_all(to_train, args.parallel, args.gpus, args.dry_run, on_finish=report)

@@ -50,9 +50,7 @@ def main(argv=None):
 
     def report(_=None):
         results = collect(args, runs)
-        common.write_json(os.path.join(args.results_dir, "stability.json"), results)
-        with open(os.path.join(args.results_dir, "stability.md"), "w") as f:
-            f.write(markdown(results))
+        common.write_results(args.results_dir, "stability", results, markdown)
         return results
 
     common.run_all([(n, s) for n, _, _, s in runs], args.parallel, args.gpus, args.dry_run, on_finish=report)

@@ -372,11 +372,12 @@ def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(t
 
 @pytest.mark.parametrize("name", ["throughput", "throughput_140m", "throughput_parcae_alone", "throughput_gen",
                                   "throughput_layouts", "throughput_cache", "stability", "quality", "loops",
-                                  "adaptive", "scaling"])
+                                  "adaptive", "scaling", "ddp", "ddp_2xh200/ddp", "ddp_4xh200/ddp"])
 def test_each_committed_table_is_what_its_script_makes_of_its_json(name):
     """bench/results/*.md are not edited by hand: each is its script's markdown() of the JSON beside it."""
     results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
     markdown = {"stability": stability.markdown, "quality": quality.markdown, "loops": loops.markdown,
-                "adaptive": loops.adaptive_markdown, "scaling": scaling.markdown}.get(name, throughput.markdown)
+                "adaptive": loops.adaptive_markdown, "scaling": scaling.markdown,
+                "ddp": ddp.markdown}.get(os.path.basename(name), throughput.markdown)
     with open(os.path.join(results, name + ".json")) as f, open(os.path.join(results, name + ".md")) as g:
         assert markdown(json.load(f)) == g.read()
