@@ -403,6 +403,8 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
                          "distinct characters, which make a poor (and possibly > 65536 entry) char vocabulary")
     if num_shards < 1:
         raise SystemExit("prepare.py: --num_shards must be at least 1")
+    if num_proc is not None and num_proc < 1:
+        raise SystemExit("prepare.py: --num_proc must be at least 1 (it defaults to the number of CPUs)")
     suffix = os.path.basename(tokenizer.rstrip("/"))  # SandyResearch/parcae-tokenizer -> parcae-tokenizer
     folder = os.path.join(out_dir, name or (source if tokenizer == default_tokenizer else f"{source}-{suffix}"))
 

@@ -220,8 +220,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile blocks, injection and head first, as "
                    "train.py does: compiling takes a while, then decoding is faster on a GPU (README: generation)")
     args = p.parse_args(argv)
-    if args.loops is not None and args.loops < 1:
-        raise SystemExit("--loops must be at least 1")
+    for name, low in (("loops", 1), ("num_samples", 1), ("max_new_tokens", 0), ("top_k", 0), ("temperature", 0)):
+        if getattr(args, name) is not None and not getattr(args, name) >= low:
+            raise SystemExit(f"--{name} must be at least {low}, got {getattr(args, name)}")
     if args.exit_threshold is not None and not args.exit_threshold >= 0:
         raise SystemExit("--exit_threshold must be a number of at least 0 (0: never exit early)")
 

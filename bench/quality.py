@@ -38,7 +38,7 @@ INCIDENTAL = ("out_dir", "save_checkpoint")
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--models", nargs="+", default=list(common.MODELS), choices=common.MODELS)
-    p.add_argument("--budgets", nargs="+", type=int, help="training tokens per run (default: the preset's two)")
+    p.add_argument("--budgets", nargs="+", type=common.at_least(1), help="training tokens per run (default: the preset's two)")
     p.add_argument("--reuse_sweep", action="store_true", help="use finished sweep runs with the same settings")
     p.add_argument("--lr", type=float, default=8e-3, help="the rate of a model the sweep has no rate for")
     args = common.finish_args(p.parse_args(argv))

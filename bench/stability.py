@@ -33,7 +33,7 @@ def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--models", nargs="+", default=list(common.SWEEP_MODELS), choices=common.MODELS)
     p.add_argument("--rates", nargs="+", type=float, help="learning rates (default: the preset's)")
-    p.add_argument("--tokens", type=int, help="training tokens per run (default: the preset's sweep budget)")
+    p.add_argument("--tokens", type=common.at_least(1), help="training tokens per run (default: the preset's sweep budget)")
     p.add_argument("--spike_margin", type=float, default=0.5, help="nats above the loss EMA that make a spike")
     args = common.finish_args(p.parse_args(argv))
     args.command = common.command(__file__, argv)

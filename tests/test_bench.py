@@ -278,6 +278,23 @@ def test_loops_adaptive_measures_exit_against_fixed_depth_on_the_same_batches(be
     assert (bench["results"] / "adaptive.png").stat().st_size > 1000
 
 
+def test_a_data_folder_without_its_token_files_is_one_line_saying_how_to_make_them(toy_data, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text(open(os.path.join(toy_data, "meta.json")).read())
+    for script in (stability, quality, loops, scaling):
+        with pytest.raises(SystemExit, match="train.bin not found: make the data first with `python prepare.py`"):
+            script.main(["--data_dir", str(tmp_path / "data"), "--preset", "tiny", "--results_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("arg, message", [(["--parallel", "0"], "argument --parallel: must be at least 1, got 0"),
+                                          (["--gpus", "-1"], "argument --gpus: must be at least 0, got -1"),
+                                          (["--tokens", "many"], "argument --tokens: 'many' is not a whole number")])
+def test_a_count_below_its_least_value_is_an_argparse_error(toy_data, tmp_path, capsys, arg, message):
+    with pytest.raises(SystemExit) as e:      # argparse's own: the usage, then one line of error
+        stability.main(["--data_dir", toy_data, "--preset", "tiny", "--results_dir", str(tmp_path), *arg])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
 def test_a_dry_run_prints_the_commands_and_trains_nothing(toy_data, tmp_path, capsys):
     stability.main(["--data_dir", toy_data, "--preset", "tiny", "--work_dir", str(tmp_path / "work"),
                     "--results_dir", str(tmp_path / "results"), "--dry_run", "--set", "batch_size=8"])
