@@ -307,6 +307,8 @@ class GPT(nn.Module):
         B, L = idx.shape
         if cache is None and L > c.block_size:
             raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
+        if c.looped and loops is not None and loops < 1:      # as flops_per_token refuses it, on every path
+            raise ValueError(f"loops={loops}: a looped model runs its core at least once")
         positions = slice(0, L) if cache is None else cache.start(L)    # the tokens' positions
         cos, sin = self.cos[positions], self.sin[positions]
 

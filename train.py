@@ -414,7 +414,10 @@ def pick_device(name, local_rank):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"    # under torchrun, one GPU per process
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:1, mps ...")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"device={name}, but this PyTorch sees no CUDA GPU: use --device=cpu (or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -218,7 +218,7 @@ def read_metrics(out_dir):
 
 def environment():
     """Where the numbers were made: GPU (or CPU), PyTorch, and the git commit when there is one."""
-    commit = os.environ.get("PARCAE_COMMIT")     # where the checkout has no (or a stale) .git, say which commit
+    commit = os.environ.get("PARCAE_COMMIT")     # for a copy of the code whose .git is missing or stale
     try:
         commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                           text=True, timeout=10).stdout.strip() or None

@@ -84,6 +84,7 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a train.py setting for every run (repeat for more)")
     args = parser.parse_args(argv)
+    common.read_meta(args.data_dir)     # a missing or damaged data folder: one line here, not torchrun's log
     available = torch.cuda.device_count() if args.device == "cuda" else os.cpu_count()
     args.gpus = args.gpus or [n for n in (1, 2, 4, 8) if n <= available]
     if not args.gpus or max(args.gpus) > available:

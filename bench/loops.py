@@ -88,7 +88,7 @@ def main(argv=None):
                "data_dir": args.data_dir, "loops": loops, "batches": batches,
                "models": []}
     for label, path in checkpoints:
-        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device, args)
         losses = evaluate(model, args.data_dir, settings, loops, batches, device)
         ok = [(T, L) for T, L in losses.items() if math.isfinite(L)]
         fit = fit_exponential(*zip(*ok)) if len(ok) >= 3 else None
@@ -125,12 +125,19 @@ def find_checkpoints(args):
     return list(zip(labels, paths))
 
 
-def load(path, device):
+def load(path, device, args):
     """The model of a train.py checkpoint, in eval mode, and the settings it was trained with."""
     ckpt = train.load_checkpoint(path)
     model = train.model_from_checkpoint(ckpt, path)
     if not model.config.looped:
         raise SystemExit(f"{path} holds a plain Transformer: it has no loop to vary")
+    # the same tokens: the same tokenizer (by its file's hash where it has one), or the same characters
+    trained, here = ([m.get("tokenizer_sha256") or m.get("tokenizer"), m.get("chars"), m.get("vocab_size")]
+                     for m in (ckpt.get("meta") or {}, args.meta))
+    if trained != here:     # another vocabulary's ids: an IndexError at best, else a loss of the wrong tokens
+        name = lambda m: f"{m.get('tokenizer')} tokens (vocab {m.get('vocab_size')})"
+        raise SystemExit(f"{path} was trained on {name(ckpt.get('meta') or {})}, but {args.data_dir} holds other "
+                         f"tokens, {name(args.meta)}: pass the --data_dir it was trained on")
     return model.to(device).eval(), ckpt["settings"]
 
 
@@ -204,7 +211,7 @@ def adaptive_main(args):
     results = {"preset": args.preset_name, "environment": common.environment(), "command": args.command,
                "data_dir": args.data_dir, "batches": batches, "decode_batches": args.decode_batches, "models": []}
     for label, path in [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args):
-        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device, args)
         mu = model.config.mean_loops
         cap = args.cap or 2 * mu
         print(f"{label}: μ_rec {mu}, cap {cap}, {batches} batches", flush=True)
@@ -360,7 +367,7 @@ def decoding_speed(model, data_dir, settings, mu, cap, eps, device, new_tokens=1
 
 
 def adaptive_claim(r):
-    """The issue's claim: adaptive exit within 0.01 nats of the fixed T = μ_rec loss with ≥ 30 % fewer loops."""
+    """What per-token exit should deliver: within 0.01 nats of the fixed T = μ_rec loss with ≥ 30 % fewer loops."""
     target = r["fixed"][str(r["mean_loops"])] + 0.01
     ok = [a for a in r["adaptive"] if a["loss"] <= target]
     best = min(ok, key=lambda a: a["mean_loops"]) if ok else None

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -252,6 +253,20 @@ def test_loops_evaluates_every_depth_and_fits_the_curve(bench):
     assert "| parcae |" in (bench["results"] / "loops.md").read_text()
 
 
+def test_loops_refuses_a_checkpoint_trained_on_other_data(bench, toy_data, tiny_data, tmp_path):
+    """Another vocabulary, or one of the same size whose ids are other characters: both are other tokens."""
+    checkpoint = bench["loops"]["models"][0]["checkpoint"]
+    same_size = tmp_path / "same_size"
+    shutil.copytree(toy_data, same_size)
+    meta = json.loads((same_size / "meta.json").read_text())
+    (same_size / "meta.json").write_text(json.dumps({**meta, "chars": [chr(65 + i) for i in range(63)]}))
+    for data, vocab in ((tiny_data, r"\d+"), (same_size, "64")):
+        with pytest.raises(SystemExit, match=r"was trained on char tokens \(vocab 64\), but .* holds other tokens, "
+                                             rf"char tokens \(vocab {vocab}\): pass the --data_dir it was trained on"):
+            loops.main(["--data_dir", str(data), "--preset", "tiny", "--results_dir", str(tmp_path),
+                        "--checkpoints", checkpoint])
+
+
 def test_loops_adaptive_measures_exit_against_fixed_depth_on_the_same_batches(bench):
     checkpoint = bench["loops"]["models"][0]["checkpoint"]
     with one_cpu_thread():      # as the plain loops bench ran
@@ -278,12 +293,14 @@ def test_loops_adaptive_measures_exit_against_fixed_depth_on_the_same_batches(be
     assert (bench["results"] / "adaptive.png").stat().st_size > 1000
 
 
-def test_a_data_folder_without_its_token_files_is_one_line_saying_how_to_make_them(toy_data, tmp_path, capsys):
+def test_a_data_folder_without_its_token_files_is_one_line_saying_how_to_make_them(toy_data, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "meta.json").write_text(open(os.path.join(toy_data, "meta.json")).read())
-    for script in (stability, quality, loops, scaling):
+    tiny = ["--preset", "tiny", "--results_dir", str(tmp_path)]
+    for script, more in ((stability, tiny), (quality, tiny), (loops, tiny), (loops, tiny + ["--adaptive"]),
+                         (scaling, tiny), (ddp, ["--device", "cpu", "--results_dir", str(tmp_path)])):
         with pytest.raises(SystemExit, match="train.bin not found: make the data first with `python prepare.py`"):
-            script.main(["--data_dir", str(tmp_path / "data"), "--preset", "tiny", "--results_dir", str(tmp_path)])
+            script.main(["--data_dir", str(tmp_path / "data"), *more])
 
 
 @pytest.mark.parametrize("arg, message", [(["--parallel", "0"], "argument --parallel: must be at least 1, got 0"),

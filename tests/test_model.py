@@ -431,12 +431,20 @@ def test_flops_backward_covers_only_backprop_loops():
     assert f(8, 4) - f(8, 2) == 2 * 2 * one_loop
 
 
-def test_flops_refuse_fewer_than_one_loop():
-    model = tiny()
-    for loops in (0, -1):
-        with pytest.raises(ValueError, match="at least once"):
-            model.flops_per_token(loops=loops)
+@pytest.mark.parametrize("loops", [0, -1])
+def test_fewer_than_one_loop_is_refused_alike_by_every_path_and_the_flops_count(loops):
+    """0 loops is not "the default" anywhere: fixed depth, per-token exit and the FLOP count say the same."""
+    model = tiny().eval()
+    x = tokens(B=2)[:, :-1]
+    message = f"^loops={loops}: a looped model runs its core at least once$"
+    paths = {"fixed": lambda: model(x, loops=loops),
+             "adaptive": lambda: model(x, loops=loops, cache=KVCache(model, 2, loops=1), exit_threshold=0.1),
+             "flops": lambda: model.flops_per_token(loops=loops)}
+    for path in paths.values():
+        with pytest.raises(ValueError, match=message):
+            path()
     assert model.flops_per_token(loops=1) > 0
+    assert model(x, loops=1)[0].shape == (*x.shape, model.config.padded_vocab_size)
 
 
 def test_bad_config_values_are_refused_with_the_choices():
@@ -457,8 +465,6 @@ def test_bad_depths_are_refused_instead_of_silently_ignored():
     for depths in ([2, 2], [2, 0, 1]):
         with pytest.raises(ValueError, match="one depth of at least 1 per sequence"):
             model(x, depths=torch.tensor(depths))
-    with pytest.raises(ValueError, match="at least 1"):
-        model(x, loops=0)
     with pytest.raises(ValueError, match="same number of loops"):
         model(x, depths=torch.tensor([1, 2, 3]), cache=KVCache(model, 3, loops=3))
 

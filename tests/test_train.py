@@ -186,7 +186,6 @@ def test_resume_refuses_other_model_settings_and_a_damaged_checkpoint(tiny_args,
         train.main(tiny_args(max_iters=20, init_from="resume"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
 def test_init_from_takes_scratch_resume_a_folder_or_a_hub_name(tmp_path):
     for value in ("scratch", "resume", str(tmp_path), "SandyResearch/parcae-140m"):
         assert train.parse_settings([f"--init_from={value}"])["init_from"] == value
@@ -205,9 +204,16 @@ def test_a_config_file_that_is_not_valid_python_is_one_line_naming_the_line(tmp_
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
 def test_asking_for_a_gpu_that_is_not_there_says_what_to_use():
     with pytest.raises(SystemExit, match="no CUDA GPU: use --device=cpu"):
         train.pick_device("cuda", local_rank=0)
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cpu0"])
+def test_a_device_torch_does_not_know_is_one_line_with_the_choices(name):
+    with pytest.raises(SystemExit, match=f"^device='{name}' is not a device: use auto, cpu, cuda, cuda:1, mps"):
+        train.pick_device(name, local_rank=0)
 
 
 def test_missing_data_says_how_to_make_it(tiny_args, tmp_path):
