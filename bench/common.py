@@ -30,7 +30,7 @@ from model import GPT  # noqa: E402
 # presets: one model size, token budgets and evaluation settings per name.
 # train: train.py settings of every run; layers: P/R/C of the looped models (gpt runs the
 # same layers once, gpt_2x twice as many); rates: the sweep's; sweep_tokens, budgets:
-# training tokens per run; evals: evaluations per run after step 0; parallel: runs at a
+# training tokens per run; evals: evaluations per run (the last at its end); parallel: runs at a
 # time on each GPU; loops, loop_batches: loops.py's depths and batches; tokens_per_sec (one
 # GPU over all its runs) and run_tokens_per_sec (one run, the slowest model, sharing its GPU
 # with two others): measured, for the time estimate.

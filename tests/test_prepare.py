@@ -110,6 +110,35 @@ def test_char_tokenizer_ids_are_positions_in_chars_and_unknown_characters_are_na
         encode("abz")
 
 
+def test_byte_tokenizer_writes_each_files_utf8_bytes_then_256(corpus, tmp_path):
+    root, docs = corpus
+    (root / "header.h").write_text("int f(void); // ✓\n")
+    (root / "util.hpp").write_text("template <class T> T g(T);\n")
+    prepare.main(["--input", str(root), "--suffix", ".txt", ".h", ".hpp", "--tokenizer", "byte",
+                  "--out_dir", str(tmp_path / "data")])
+    meta, train, val = read(tmp_path / "data" / "text-byte")
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("byte", 257, 256) and "chars" not in meta
+    # in path order: doc00-doc10, header.h, util.hpp (empty.txt and latin1.txt skipped, sub/zz.md not asked for)
+    kept = docs[:11] + ["int f(void); // ✓\n", "template <class T> T g(T);\n"]
+    assert (meta["val_docs"], meta["train_docs"]) == (2, 11)
+    assert val.tobytes() == b"".join(np.array(list(d.encode()) + [256], dtype=np.uint16).tobytes()
+                                     for d in kept[::10])
+    encode, decode = prepare.load_tokenizer(meta)
+    train_docs = [d for i, d in enumerate(kept) if i % 10]
+    assert decode(train.tolist()) == joined(train_docs) and encode(joined(train_docs)) == train.tolist()
+
+
+def test_bytes_that_are_not_utf8_decode_as_replacement_characters():
+    """A model's bytes need not form UTF-8: ✓ is 3 bytes, cut after 2 by the end of a sample or by a
+    document's end; a lone continuation byte is invalid anywhere. Each becomes U+FFFD, not an error."""
+    encode, decode = prepare.load_tokenizer({"tokenizer": "byte", "vocab_size": 257, "eot_token": 256})
+    check = list("✓".encode())
+    assert encode(f"a✓{EOT}b") == [97, *check, 256, 98] and decode(encode(f"a✓{EOT}b")) == f"a✓{EOT}b"
+    assert decode([97, *check[:2]]) == "a\ufffd"
+    assert decode([*check[:2], 256, 98]) == f"\ufffd{EOT}b"     # the end-of-text token does not join bytes
+    assert decode([0x80, 97]) == "\ufffda"
+
+
 def test_gpt2_tokenizer_on_a_folder(corpus, tmp_path):
     gpt2_or_skip()
     root, docs = corpus
@@ -125,7 +154,7 @@ def test_gpt2_tokenizer_on_a_folder(corpus, tmp_path):
     assert encode(joined([docs[0], docs[10]])) == val.tolist()
 
 
-@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+@pytest.mark.parametrize("tokenizer", ["char", "byte", "gpt2"])
 def test_a_literal_endoftext_inside_a_file_is_text_not_a_document_boundary(tokenizer, tmp_path):
     if tokenizer == "gpt2":
         gpt2_or_skip()
@@ -167,18 +196,27 @@ def test_default_run_is_the_python_stdlib_with_the_char_tokenizer(tmp_path):
     assert decode(val[:len(first) + 1].tolist()) == first + EOT
 
 
-def test_fineweb_edu_downloads_tokenizes_and_skips_finished_shards(server, tmp_path):
+def fineweb_shards(fake_hub, shards):
+    """FineWeb-Edu's dataset repo on the fake Hub, holding these shards (lists of documents) in sample/10BT/;
+    returns the commit's hash."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+    files = {}
+    for s, docs in enumerate(shards):
+        out = pa.BufferOutputStream()
+        pq.write_table(pa.table({"text": docs, "id": [f"{s}-{i}" for i in range(len(docs))]}), out, row_group_size=40)
+        files[f"sample/10BT/{s:03d}_00000.parquet"] = out.getvalue().to_pybytes()
+    return fake_hub.commit(prepare.FINEWEB, files)
+
+
+def test_fineweb_edu_downloads_through_the_hub_tokenizes_and_skips_finished_shards(fake_hub, tmp_path):
     gpt2_or_skip()
     shards = [[f"Shard {s}, document {i}. " * (1 + i % 5) for i in range(150)] for s in range(2)]
-    for s, docs in enumerate(shards):
-        table = pa.table({"text": docs, "id": [f"{s}-{i}" for i in range(len(docs))]})
-        pq.write_table(table, server.www / f"{s:03d}_00000.parquet", row_group_size=40)
+    commit = fineweb_shards(fake_hub, shards)
     folder = tmp_path / "data" / "fineweb-edu"
-    (folder / "shards").mkdir(parents=True)  # an interrupted download is never mistaken for a finished one:
-    (folder / "shards" / "000_00000.parquet.part").write_bytes(b"half a shard")
-    kwargs = dict(source="fineweb-edu", url=server.url, num_shards=2, num_proc=2, out_dir=tmp_path / "data")
+    (folder / "shards").mkdir(parents=True)  # a shard whose tokenizing was cut short is never taken for done
+    (folder / "shards" / "000_00000.bin.tmp").write_bytes(b"half a shard")
+    kwargs = dict(source="fineweb-edu", num_shards=2, num_proc=2, out_dir=tmp_path / "data")
 
     assert Path(prepare.prepare(**kwargs)) == folder
     meta, train, val = read(folder)
@@ -188,12 +226,29 @@ def test_fineweb_edu_downloads_tokenizes_and_skips_finished_shards(server, tmp_p
     _, decode = prepare.load_tokenizer(meta)
     assert decode(val.tolist()) == joined(shards[0][:1])
     assert decode(train.tolist()) == joined(shards[0][1:] + shards[1])
-    assert sorted(server.requests) == ["/000_00000.parquet", "/001_00000.parquet"]
+    # each shard: the Hub says where it is (HEAD), then it comes from storage, into the shared cache
+    asked = [(method, path.split("/")[1]) for method, path, _ in fake_hub.requests if not path.startswith("/api/")]
+    assert asked == [("HEAD", "datasets"), ("GET", "storage")] * 2
+    cache = tmp_path / "hf_home" / "hub" / "datasets--HuggingFaceFW--fineweb-edu" / "snapshots" / commit
+    cache = cache / "sample" / "10BT"
+    assert sorted(p.name for p in cache.iterdir()) == ["000_00000.parquet", "001_00000.parquet"]
 
     outputs = {name: (folder / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
-    prepare.prepare(**kwargs)  # a re-run: both shards are tokenized already, so nothing is downloaded
-    assert len(server.requests) == 2
+    asked = len(fake_hub.requests)
+    prepare.prepare(**kwargs)  # a re-run: both shards are tokenized already, so nothing is asked of the Hub
+    assert len(fake_hub.requests) == asked
     assert outputs == {name: (folder / name).read_bytes() for name in outputs}
+
+
+def test_fineweb_edu_at_a_revision_and_more_shards_than_there_are(fake_hub, tmp_path):
+    gpt2_or_skip()
+    old = fineweb_shards(fake_hub, [["an old document", "and another"]])
+    fineweb_shards(fake_hub, [["a new document", "and another"]])           # main moves on
+    meta, _, val = read(prepare.prepare(source=f"fineweb-edu@{old}", num_proc=1, out_dir=tmp_path))
+    assert prepare.load_tokenizer(meta)[1](val.tolist()) == joined(["an old document"])
+    assert f"at {old}" in meta["source"]
+    with pytest.raises(SystemExit, match="has no sample/10BT/001_00000.parquet: --num_shards=2 is more than it holds"):
+        prepare.prepare(source="fineweb-edu", num_shards=2, num_proc=1, out_dir=tmp_path)
 
 
 def test_shakespeare_is_downloaded_once_and_split_90_10(server, tmp_path):
@@ -225,8 +280,11 @@ def refused_url():
     (dict(source="stdlib", inputs=["EMPTY"]), "give either --source or --input, not both"),
     (dict(source="fineweb-edu", tokenizer="char"), "fineweb-edu is not for the char tokenizer"),
     (dict(source="fineweb-edu", num_proc=0), "--num_proc must be at least 1"),
+    (dict(source="fineweb-edu", tokenizer="byte"), "for bytes, pass local text files with --input"),
     (dict(source="shakespeare", url="REFUSED"),
      "could not download .*refused.*; connect to the internet, or pass --input with a local copy"),
+    (dict(source="fineweb-edu", url="REFUSED"), "--url is where shakespeare comes from; fineweb-edu has none"),
+    (dict(source="stdlib@main"), "only fineweb-edu comes from the Hub, with a revision; stdlib has none"),
 ])
 def test_user_errors_exit_with_one_line_that_says_what_to_do(kwargs, message, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -265,9 +323,9 @@ def test_a_rerun_replaces_the_files_atomically(corpus, tmp_path):
     assert decode(train.tolist()).startswith(f"a changed document, longer than it was before\n{EOT}")
 
 
-def test_a_downloaded_shard_that_is_not_parquet_is_reported(server, tmp_path):
+def test_a_downloaded_shard_that_is_not_parquet_is_reported(fake_hub, tmp_path):
     pytest.importorskip("pyarrow")
     gpt2_or_skip()
-    (server.www / "000_00000.parquet").write_text("<html>a login page, say</html>")
+    fake_hub.commit(prepare.FINEWEB, {"sample/10BT/000_00000.parquet": b"<html>a login page, say</html>"})
     with pytest.raises(SystemExit, match="000_00000.parquet is not a parquet file with a 'text' column"):
-        prepare.prepare(source="fineweb-edu", url=server.url, num_proc=1, out_dir=tmp_path)
+        prepare.prepare(source="fineweb-edu", num_proc=1, out_dir=tmp_path)

@@ -66,6 +66,22 @@ def test_a_prompt_outside_the_vocabulary_is_a_clear_error(out_dir):
     assert run.returncode == 1 and "cannot encode the prompt" in run.stderr
 
 
+def test_a_byte_level_model_samples_any_prompt_and_prints_invalid_utf8_as_replacement_characters(tmp_path, capsys):
+    """Byte ids drawn one at a time need not form UTF-8 (a barely trained model draws bytes ≥ 0x80 at random):
+    sample.py prints them as U+FFFD instead of failing. Any text is a valid prompt."""
+    import prepare
+    (tmp_path / "a.py").write_text("def f(x):\n    return x\n\n" * 200)
+    data = prepare.prepare(inputs=[str(tmp_path / "a.py")], tokenizer="byte", out_dir=tmp_path / "data")
+    settings = {**TINY, "max_iters": 2, "eval_interval": 2, "data_dir": data, "out_dir": str(tmp_path / "out")}
+    train.main([f"--{k}={v!r}" for k, v in settings.items()])
+    capsys.readouterr()
+    sample_py.main([f"--out_dir={tmp_path / 'out'}", "--start", "Ω =", "--num_samples=2", "--max_new_tokens=200",
+                    "--temperature=2", "--top_k=0"])
+    out = capsys.readouterr().out
+    assert out.count("-" * 40) == 2 and all(s.lstrip("\n").startswith("Ω =") for s in out.split("-" * 40)[:2])
+    assert "\ufffd" in out
+
+
 def test_a_missing_prompt_file_is_a_clear_error(out_dir, tmp_path):
     with pytest.raises(SystemExit, match="cannot read the prompt file .*nowhere.txt"):
         sample_py.main([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'nowhere.txt'}"])
@@ -138,8 +154,9 @@ def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_mo
 
 
 def test_bf16_weights_change_nothing_under_bf16_autocast():
-    """sample.py stores the linear layers' weights in bf16 on a GPU: autocast computes them in bf16
-    anyway, so the tokens are the same; the norms and the injection's own parameters stay fp32."""
+    """sample.py stores the linear layers' weights and the value-embedding tables in bf16 on a GPU: autocast
+    computes in bf16 with them anyway, so the tokens are the same; the norms and the injection's own
+    parameters stay fp32."""
     model = tiny(init_state="zero", block_size=16).eval()
     prompt = tokens(B=2, L=5)[:, :-1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -147,9 +164,10 @@ def test_bf16_weights_change_nothing_under_bf16_autocast():
         bf16_weights(model)
         after = generate(model, prompt, 8, loops=3, top_k=1)
     assert torch.equal(before, after)
-    assert model.core[0].attn.c_q.weight.dtype == model.injection.B.weight.dtype == torch.bfloat16
+    assert model.core[0].attn.c_attn.weight.dtype == model.injection.B.weight.dtype == torch.bfloat16
     fc = model.core[0].mlp.fc
     assert fc.weight.shape == (fc.out_features, fc.in_features) and fc.weight.stride() == (1, fc.out_features)
+    assert model.core[0].value_embed.weight.dtype == torch.bfloat16
     assert model.injection.A_log.dtype == model.norm_f.weight.dtype == model.wte.weight.dtype == torch.float32
 
 # -----------------------------------------------------------------------------
