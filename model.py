@@ -308,6 +308,8 @@ class GPT(nn.Module):
         B, L = idx.shape
         if cache is None and L > c.block_size:
             raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
+        if c.looped and loops is not None and loops < 1:      # as flops_per_token refuses it, on every path
+            raise ValueError(f"loops={loops}: a looped model runs its core at least once")
         positions = slice(0, L) if cache is None else cache.start(L)    # the tokens' positions
         cos, sin = self.cos[positions], self.sin[positions]
 
@@ -429,21 +431,27 @@ class GPT(nn.Module):
         stats.update({k: v.item() for k, v in self.injection.transition_stats().items()})
         return stats
 
-    def flops_per_token(self, seq_len=None, loops=None):
-        """Training FLOPs per token (matmuls only): the forward runs the core `loops` times (default
-        mean_loops), but only the last backprop_loops iterations are backpropagated (backward = 2 ×
-        forward of what carries gradient). Attention counts the causal half; value-embedding lookups cost none."""
+    def flops_per_token(self, seq_len=None, loops=None, backward=True):
+        """Matmul FLOPs per token: 2 per weight a token meets (value-embedding lookups cost none) plus the
+        causal half of attention's QKᵀ and AV over seq_len keys. The forward runs the core `loops` times
+        (default mean_loops). With backward, training's count: the backward costs 2 × the forward of what
+        carries gradient, so of the loop only the last backprop_loops iterations count three times."""
         c = self.config
-        T = loops or c.mean_loops
-        L = seq_len or c.block_size
-        block = self.prelude[0] if c.n_prelude else self.core[0]
-        block_params = sum(p.numel() for n, p in block.named_parameters()
-                           if n.endswith("weight") and p.dim() == 2 and "value_embed" not in n)
-        per_block = 2 * block_params + 2 * L * c.n_embd        # matmuls + causal QKᵀ and AV
-        head = 2 * c.n_embd * c.padded_vocab_size
+        T = c.mean_loops if loops is None else loops
+        if c.looped and T < 1:
+            raise ValueError(f"loops={T}: a looped model runs its core at least once")
+        L = c.block_size if seq_len is None else seq_len
+
+        def cost(*modules):     # 2 per 2-D weight (no value-embedding table), and each block's attention
+            weights = sum(p.numel() for m in modules for n, p in m.named_parameters()
+                          if p.dim() == 2 and "value_embed" not in n)
+            return 2 * weights + sum(isinstance(m, Block) for m in modules) * 2 * L * c.n_embd
+
+        head = 2 * c.n_embd * c.padded_vocab_size       # tied with wte, whose lookup costs nothing
         if not c.looped:
-            return 3 * (c.n_layer * per_block + head)
-        inj = {"parcae": 2 * c.n_embd ** 2, "linear": 4 * c.n_embd ** 2, "add": 0}[c.injection]
-        once = (c.n_prelude + c.n_coda) * per_block + 2 * c.n_embd ** 2 + head    # prelude, coda, C, head
-        loop = c.n_core * per_block + inj
-        return (once + T * loop) + 2 * (once + min(c.backprop_loops, T) * loop)
+            forward = cost(*self.blocks()) + head
+            return 3 * forward if backward else forward
+        once = cost(*self.prelude, self.C, *self.coda) + head
+        loop = cost(*self.core, self.injection)
+        forward = once + T * loop
+        return forward + 2 * (once + min(c.backprop_loops, T) * loop) if backward else forward

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from prepare import load_tokenizer
 
 
 class KVCache:
@@ -226,8 +227,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile blocks, injection and head first, as "
                    "train.py does: compiling takes a while, then decoding is faster on a GPU (README: generation)")
     args = p.parse_args(argv)
-    if args.loops is not None and args.loops < 1:
-        raise SystemExit("--loops must be at least 1")
+    for name, low in (("loops", 1), ("num_samples", 1), ("max_new_tokens", 0), ("top_k", 0), ("temperature", 0)):
+        if getattr(args, name) is not None and not getattr(args, name) >= low:
+            raise SystemExit(f"--{name} must be at least {low}, got {getattr(args, name)}")
     if args.exit_threshold is not None and not args.exit_threshold >= 0:
         raise SystemExit("--exit_threshold must be a number of at least 0 (0: never exit early)")
 
@@ -246,7 +248,6 @@ def main(argv=None):
     if args.exit_threshold is not None and not model.config.looped:
         raise SystemExit(f"{path} holds a plain Transformer: it has no loop to exit early (drop --exit_threshold)")
 
-    from prepare import load_tokenizer      # here, so that --help works without prepare's dependencies
     encode, decode = load_tokenizer(meta, folder if os.path.isdir(folder) else None)
     device = train.pick_device(args.device, local_rank=0)
     # bf16 autocast on cuda, as in training; fp32 elsewhere
