@@ -9,10 +9,10 @@ A looped ("recurrent-depth") GPT with the Parcae stable injection, in one file.
 Ā = exp(-Δ ⊙ exp(A_log)) with Δ = softplus(dt_bias) lies in (0, 1) for every value of the
 parameters, so the linearised loop cannot blow up: that is the whole trick. The same class
 builds the baselines: the plain Transformer (injection "none"), the naive looped model
-(h + e) and the Huginn-style adapter (W [h; e]). The spec is PARCAE.md; its "official" is the
-authors' release, and this file computes as the release does. Also here: RMSNorm,
+(h + e) and the Huginn-style adapter (W [h; e]). MODEL.md is the account of it; its "official" is
+the authors' release, and this file computes as the release does. Also here: RMSNorm,
 interleaved RoPE, QK-norm, ReLU² MLP, value embeddings, zero-init out-projections, per-sequence
-depths with truncated backprop through depth, and per-token adaptive exit at inference.
+depths with truncated backprop through depth, the KV cache and per-token adaptive exit at inference.
 """
 
 import math
@@ -349,7 +349,7 @@ class GPT(nn.Module):
 
     def check_loops(self, loops):       # one rule for every path
         if loops is not None and loops < 1:
-            raise ValueError(f"loops must be at least 1, got {loops}")
+            raise ValueError(f"loops={loops}: a looped model runs its core at least once")
         return self.config.mean_loops if loops is None else loops
 
     def forward(self, idx, targets=None, loops=None, depths=None):
@@ -480,21 +480,21 @@ class GPT(nn.Module):
         return {"state_norm": norms[-1], "state_norms": norms, "residual": self.last_state["residual"].item(),
                 **{k: v.item() for k, v in self.injection.transition_stats().items()}}
 
-    def flops_per_token(self, seq_len=None, loops=None):
-        """Training FLOPs per token (matmuls only): the forward runs the core `loops` times (default
-        mean_loops), but only the last backprop_loops iterations are backpropagated (backward = 2 ×
-        forward of what carries gradient). Attention counts the causal half; value-embedding lookups cost none."""
-        c = self.config
-        T = loops or c.mean_loops
-        L = seq_len or c.block_size
-        block = self.prelude[0] if c.n_prelude else self.core[0]
-        block_params = sum(p.numel() for n, p in block.named_parameters()
-                           if n.endswith("weight") and p.dim() == 2 and "value_embed" not in n)
-        per_block = 2 * block_params + 2 * L * c.n_embd        # matmuls + causal QKᵀ and AV
-        head = 2 * c.n_embd * c.padded_vocab_size
+    def flops_per_token(self, seq_len=None, loops=None, backward=True):
+        """Matmul FLOPs per token: 2 per weight a token meets (value-embedding lookups cost none) plus the
+        causal half of attention's QKᵀ and AV over seq_len keys. The forward runs the core `loops` times
+        (default mean_loops). With backward, training's count: the backward costs 2 × the forward of what
+        carries gradient, so of the loop only the last backprop_loops iterations count three times."""
+        c, L = self.config, self.config.block_size if seq_len is None else seq_len
+        def cost(*modules):     # 2 per 2-D weight (no value-embedding table), and each block's attention
+            weights = sum(p.numel() for m in modules for n, p in m.named_parameters()
+                          if p.dim() == 2 and "value_embed" not in n)
+            return 2 * weights + sum(isinstance(m, Block) for m in modules) * 2 * L * c.n_embd
+
+        head = 2 * c.n_embd * c.padded_vocab_size       # tied with wte, whose lookup costs nothing
         if not c.looped:
-            return 3 * (c.n_layer * per_block + head)
-        inj = {"parcae": 2 * c.n_embd ** 2, "linear": 4 * c.n_embd ** 2, "add": 0}[c.injection]
-        once = (c.n_prelude + c.n_coda) * per_block + 2 * c.n_embd ** 2 + head    # prelude, coda, C, head
-        loop = c.n_core * per_block + inj
-        return (once + T * loop) + 2 * (once + min(c.backprop_loops, T) * loop)
+            return (3 if backward else 1) * (cost(*self.blocks()) + head)
+        T = self.check_loops(loops)
+        once, loop = cost(*self.prelude, self.C, *self.coda) + head, cost(*self.core, self.injection)
+        forward = once + T * loop
+        return forward + 2 * (once + min(c.backprop_loops, T) * loop) if backward else forward

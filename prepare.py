@@ -463,6 +463,8 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
                          "model's); for bytes, pass local text files with --input")
     if num_shards < 1:
         raise SystemExit("prepare.py: --num_shards must be at least 1")
+    if num_proc is not None and num_proc < 1:
+        raise SystemExit("prepare.py: --num_proc must be at least 1 (it defaults to the number of CPUs)")
     if url and source != "shakespeare":
         raise SystemExit(f"prepare.py: --url is where shakespeare comes from; {source} has none (fineweb-edu comes "
                          "from the Hugging Face Hub: HF_ENDPOINT picks another Hub, fineweb-edu@REVISION a revision)")

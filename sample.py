@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import train
 from model import KVCache
+from prepare import load_tokenizer
 
 
 class Decoder:
@@ -272,8 +273,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile blocks, injection and head first, as "
                    "train.py does: compiling takes a while, then decoding is faster on a GPU (README: generation)")
     args = p.parse_args(argv)
-    if args.loops is not None and args.loops < 1:
-        raise SystemExit("--loops must be at least 1")
+    for name, low in (("loops", 1), ("num_samples", 1), ("max_new_tokens", 0), ("top_k", 0), ("temperature", 0)):
+        if getattr(args, name) is not None and not getattr(args, name) >= low:
+            raise SystemExit(f"--{name} must be at least {low}, got {getattr(args, name)}")
     if args.exit_threshold is not None and not args.exit_threshold >= 0:
         raise SystemExit("--exit_threshold must be a number of at least 0 (0: never exit early)")
 
@@ -299,7 +301,6 @@ def main(argv=None):
         raise SystemExit("--draft_loops needs fixed loops and the full cache (drop --exit_threshold and "
                          "--kv_cache shared): verified together, tokens would see other keys than decoded alone")
 
-    from prepare import load_tokenizer      # here, so that --help works without prepare's dependencies
     encode, decode = load_tokenizer(meta, folder if os.path.isdir(folder) else None)
     device = train.pick_device(args.device, local_rank=0)
     # bf16 autocast on cuda, as in training; fp32 elsewhere

@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 from types import MethodType, SimpleNamespace
@@ -112,7 +113,10 @@ def check_setting(key, value, where):
                   list: "a list like [1, 2]"}[type(default)]
     if not ok:
         raise SystemExit(f"{where}: {key} must be {wanted}, got {value!r}")
-    if key in AT_LEAST_ONE and not all(type(v) is int and v >= 1 for v in (value if type(value) is list else [value])):
+    if key == "init_from":
+        check_init_from(value, where)
+    values = value if type(value) is list else [value]
+    if key in AT_LEAST_ONE and not (values and all(type(v) is int and v >= 1 for v in values)):
         raise SystemExit(f"{where}: {key} must be {'whole numbers' if type(value) is list else 'a whole number'} "
                          f"of at least 1, got {value!r}")
     return float(value) if type(default) is float else value
@@ -139,6 +143,34 @@ def model_config(settings, vocab_size):
         raise SystemExit(f"bad model settings: {e}")
 
 
+def read_config(path):
+    """Run a config file (plain Python assignments) and return its names; a mistake in it is one line."""
+    namespace = {}
+    try:
+        with open(path, encoding="utf-8") as f:     # (builtins.compile: our `compile` setting hides the builtin)
+            exec(builtins.compile(f.read(), path, "exec"), namespace)
+    except SyntaxError as e:
+        raise SystemExit(f"{path}, line {e.lineno}: {e.msg}; a config file holds plain Python assignments, "
+                         "such as lr = 3e-3")
+    except Exception as e:      # it is the user's code: a NameError, a ZeroDivisionError, a binary file...
+        line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        where = f"{path}, line {line[-1]}" if line else path
+        raise SystemExit(f"{where}: {type(e).__name__}: {e}")
+    return namespace
+
+
+def check_init_from(value, where):
+    """scratch, resume, a folder, or a Hub name (owner/name): anything else is a typo, caught before any work."""
+    if value in ("scratch", "resume") or "/" in value or os.path.isdir(value):
+        return
+    close = difflib.get_close_matches(value, ["scratch", "resume"], n=1)
+    if not close and value.lower().startswith("parcae"):
+        close = [f"SandyResearch/{value}"]      # a Hub name without its owner
+    raise SystemExit(f"{where}: init_from must be scratch, resume, a folder holding a pretrained model's files, or "
+                     f"a Hugging Face name such as SandyResearch/parcae-140m, not {value!r}"
+                     + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
 def parse_settings(argv):
     """The settings as a dict: defaults, then an optional config file (first argument), then --key=value."""
     settings = dict(SETTINGS)
@@ -149,9 +181,7 @@ def parse_settings(argv):
         path, argv = argv[0], argv[1:]
         if not os.path.isfile(path):
             raise SystemExit(f"no config file {path!r}")
-        namespace = {}
-        with open(path) as f:     # (builtins.compile: our `compile` setting hides the builtin)
-            exec(builtins.compile(f.read(), path, "exec"), namespace)
+        namespace = read_config(path)
         for key, value in namespace.items():
             if not key.startswith("_"):
                 settings[key] = check_setting(key, value, path)
@@ -228,6 +258,23 @@ class Muon(torch.optim.Optimizer):
 
 # -----------------------------------------------------------------------------
 # data, schedules, evaluation, checkpoints
+
+
+def read_meta(data_dir):
+    """The data folder's meta.json, once the folder is seen to hold what prepare.py writes; else one line."""
+    for name in ("train.bin", "val.bin", "meta.json"):
+        if not os.path.exists(os.path.join(data_dir, name)):
+            raise SystemExit(f"{os.path.join(data_dir, name)} not found: make the data first with "
+                             "`python prepare.py` (`python prepare.py --help` lists the sources)")
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:      # a JSONDecodeError, or a UnicodeDecodeError: not text
+        raise SystemExit(f"{path} is damaged ({e}): make the data again with prepare.py, which writes it last")
+    if not (isinstance(meta, dict) and type(meta.get("vocab_size")) is int and meta["vocab_size"] > 0):
+        raise SystemExit(f"{path} has no vocab_size: it is not a meta.json of prepare.py; make the data again with it")
+    return meta
 
 
 def load_tokens(path, block_size, vocab_size):
@@ -460,7 +507,10 @@ def pick_device(name, local_rank):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"    # under torchrun, one GPU per process
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:1, mps ...")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"device={name}, but this PyTorch sees no CUDA GPU: use --device=cpu (or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -501,12 +551,7 @@ def train(cfg, rank, world, device):
     use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
 
     # data
-    for name in ("train.bin", "val.bin", "meta.json"):
-        if not os.path.exists(os.path.join(cfg.data_dir, name)):
-            raise SystemExit(f"{os.path.join(cfg.data_dir, name)} not found: make the data first with "
-                             "`python prepare.py` (`python prepare.py --help` lists the sources)")
-    with open(os.path.join(cfg.data_dir, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(cfg.data_dir)
     train_data, val_data = (load_tokens(os.path.join(cfg.data_dir, f"{s}.bin"), cfg.block_size, meta["vocab_size"])
                             for s in ("train", "val"))
 

@@ -127,11 +127,8 @@ def model_size(settings, vocab_size):
 
 
 def read_meta(data_dir):
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: --data_dir must be a folder made by prepare.py")
-    with open(path) as f:
-        meta = json.load(f)
+    """train.py's reading of a data folder's meta.json, with train_tokens even where meta.json lacks it."""
+    meta = train.read_meta(data_dir)
     meta.setdefault("train_tokens", os.path.getsize(os.path.join(data_dir, "train.bin")) // 2)
     return meta
 
@@ -144,14 +141,27 @@ def fmt_tokens(n):
 # the command line every script shares
 
 
+def at_least(low):
+    """An argparse type: a whole number of at least `low` (so --parallel 0 is an error, not a run that never starts)."""
+    def whole(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return whole
+
+
 def parser(description):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="a folder with train.bin, val.bin, meta.json (prepare.py)")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size and budgets")
     p.add_argument("--work_dir", help="where the runs' out_dirs go (default out/bench/<preset>)")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"), help="JSON, Markdown, PNG")
-    p.add_argument("--parallel", type=int, help="train.py runs at a time on each GPU (default: the preset's)")
-    p.add_argument("--gpus", type=int, help="spread the runs over this many GPUs (default: every GPU here)")
+    p.add_argument("--parallel", type=at_least(1), help="train.py runs at a time on each GPU (default: the preset's)")
+    p.add_argument("--gpus", type=at_least(0), help="spread the runs over this many GPUs (default: every GPU here)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a train.py setting in every run, e.g. --set batch_size=16 (repeatable)")
     p.add_argument("--dry_run", action="store_true", help="print the commands and the token budget, run nothing")
@@ -208,7 +218,7 @@ def read_metrics(out_dir):
 
 def environment():
     """Where the numbers were made: GPU (or CPU), PyTorch, and the git commit when there is one."""
-    commit = os.environ.get("PARCAE_COMMIT")     # where the checkout has no (or a stale) .git, say which commit
+    commit = os.environ.get("PARCAE_COMMIT")     # for a copy of the code whose .git is missing or stale
     try:
         commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                           text=True, timeout=10).stdout.strip() or None

@@ -18,7 +18,6 @@ counts. Writes bench/results/ddp.json and ddp.md. NVLink multicast stays off
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -71,19 +70,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: one gloo process per 'GPU', to check the logic without GPUs")
-    parser.add_argument("--gpus", type=int, nargs="+", help="process counts (default: 1, 2, 4, 8 up to the GPUs here)")
+    parser.add_argument("--gpus", type=common.at_least(1), nargs="+",
+                        help="process counts (default: 1, 2, 4, 8 up to the GPUs here)")
     parser.add_argument("--models", nargs="+", default=["gpt_350m", "parcae_350m"])
     parser.add_argument("--data_dir", default="data/fineweb-edu")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=8, help="sequences per micro-step and GPU")
-    parser.add_argument("--micro_steps", type=int, default=8, help="micro-batches per step over all GPUs "
-                        "(the global batch is batch_size × micro_steps sequences)")
-    parser.add_argument("--resume_steps", type=int, default=20)
+    parser.add_argument("--steps", type=common.at_least(1), default=200)
+    parser.add_argument("--batch_size", type=common.at_least(1), default=8, help="sequences per micro-step and GPU")
+    parser.add_argument("--micro_steps", type=common.at_least(1), default=8, help="micro-batches per step over all "
+                        "GPUs (the global batch is batch_size × micro_steps sequences)")
+    parser.add_argument("--resume_steps", type=common.at_least(1), default=20)
     parser.add_argument("--work_dir", default="out/bench-ddp")
     parser.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a train.py setting for every run (repeat for more)")
     args = parser.parse_args(argv)
+    common.read_meta(args.data_dir)     # a missing or damaged data folder: one line here, not torchrun's log
     available = torch.cuda.device_count() if args.device == "cuda" else os.cpu_count()
     args.gpus = args.gpus or [n for n in (1, 2, 4, 8) if n <= available]
     if not args.gpus or max(args.gpus) > available:
@@ -125,10 +126,7 @@ def main(argv=None):
 
 def write(results, args):
     os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "ddp.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.results_dir, "ddp.md"), "w") as f:
-        f.write(markdown(results))
+    common.write_results(args.results_dir, "ddp", results, markdown)
 
 
 def markdown(results):

@@ -1,6 +1,6 @@
 """
 Test-time depth: validation loss of trained looped models at T = 1 ... 32 loops, and the
-saturating exponential the paper fits to it, L(T) = L∞ + Z·exp(−z·T) (PARCAE.md section 7).
+saturating exponential the paper fits to it, L(T) = L∞ + Z·exp(−z·T) (MODEL.md section 7).
 
     python bench/loops.py --data_dir=data/bench                 # the looped models of quality.json's largest budget
     python bench/loops.py --data_dir=data/bench --checkpoints out/bench/small/quality/parcae_24M --loops 1 4 16
@@ -40,6 +40,7 @@ writes speculative.json and speculative.md.
     from Python.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -58,28 +59,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 import common  # noqa: E402
 import sample  # noqa: E402  (its generate)
 import train  # noqa: E402  (its evaluation, and its checkpoint reading)
-from model import KVCache  # noqa: E402
+from model import GPT, KVCache  # noqa: E402
 
 
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--checkpoints", nargs="+", help="run folders (or ckpt.pt files); default: quality.json's "
                                                     "looped models at its largest budget")
-    p.add_argument("--loops", nargs="+", type=int, help="test-time depths (default: the preset's)")
-    p.add_argument("--batches", type=int, help="validation batches per depth (default: the preset's)")
+    p.add_argument("--loops", nargs="+", type=common.at_least(1), help="test-time depths (default: the preset's)")
+    p.add_argument("--batches", type=common.at_least(1), help="validation batches per depth (default: the preset's)")
     p.add_argument("--init_from", help="a pretrained model instead: a Hugging Face repo such as "
                                        "SandyResearch/parcae-140m (@REVISION pins one), or a folder holding "
                                        "its files (hub.py)")
     p.add_argument("--adaptive", action="store_true", help="measure per-token exit and the shared cache instead")
-    p.add_argument("--cap", type=int, help="--adaptive: the most loops a token may run (default 2·μ_rec)")
+    p.add_argument("--cap", type=common.at_least(1), help="--adaptive: the most loops a token may run (default 2·μ_rec)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002],
                    help="--adaptive: exit thresholds ε on the relative state change")
     p.add_argument("--speculative", action="store_true", help="measure self-speculative decoding instead, at each "
                    "of --loops (default 16) against plain decoding, batch 1")
-    p.add_argument("--draft_loops", nargs="+", type=int, default=[1, 2, 4, 8], help="--speculative: draft depths K")
-    p.add_argument("--draft_tokens", nargs="+", type=int, default=[2, 4, 6], help="--speculative: drafts per verify")
-    p.add_argument("--decode_batches", type=int, default=2, help="--adaptive: batches decoded token by token per "
-                   "cache mode and depth")
+    p.add_argument("--draft_loops", nargs="+", type=common.at_least(1), default=[1, 2, 4, 8],
+                   help="--speculative: draft depths K")
+    p.add_argument("--draft_tokens", nargs="+", type=common.at_least(1), default=[2, 4, 6],
+                   help="--speculative: drafts per verify")
+    p.add_argument("--decode_batches", type=common.at_least(1), default=2, help="--adaptive: batches decoded token "
+                   "by token per cache mode and depth")
     args = common.finish_args(p.parse_args(argv))
     args.command = common.command(__file__, argv)
     if args.adaptive:
@@ -102,7 +105,7 @@ def main(argv=None):
                "data_dir": args.data_dir, "loops": loops, "batches": batches,
                "models": []}
     for label, path in checkpoints:
-        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device, args)
         losses = evaluate(model, args.data_dir, settings, loops, batches, device)
         ok = [(T, L) for T, L in losses.items() if math.isfinite(L)]
         fit = fit_exponential(*zip(*ok)) if len(ok) >= 3 else None
@@ -139,12 +142,19 @@ def find_checkpoints(args):
     return list(zip(labels, paths))
 
 
-def load(path, device):
+def load(path, device, args):
     """The model of a train.py checkpoint, in eval mode, and the settings it was trained with."""
     ckpt = train.load_checkpoint(path)
     model = train.model_from_checkpoint(ckpt, path)
     if not model.config.looped:
         raise SystemExit(f"{path} holds a plain Transformer: it has no loop to vary")
+    # the same tokens: the same tokenizer (by its file's hash where it has one), or the same characters
+    trained, here = ([m.get("tokenizer_sha256") or m.get("tokenizer"), m.get("chars"), m.get("vocab_size")]
+                     for m in (ckpt.get("meta") or {}, args.meta))
+    if trained != here:     # another vocabulary's ids: an IndexError at best, else a loss of the wrong tokens
+        name = lambda m: f"{m.get('tokenizer')} tokens (vocab {m.get('vocab_size')})"
+        raise SystemExit(f"{path} was trained on {name(ckpt.get('meta') or {})}, but {args.data_dir} holds other "
+                         f"tokens, {name(args.meta)}: pass the --data_dir it was trained on")
     return model.to(device).eval(), ckpt["settings"]
 
 
@@ -218,7 +228,7 @@ def adaptive_main(args):
     results = {"preset": args.preset_name, "environment": common.environment(), "command": args.command,
                "data_dir": args.data_dir, "batches": batches, "decode_batches": args.decode_batches, "models": []}
     for label, path in [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args):
-        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device, args)
         mu = model.config.mean_loops
         cap = args.cap or 2 * mu
         print(f"{label}: μ_rec {mu}, cap {cap}, {batches} batches", flush=True)
@@ -274,16 +284,20 @@ def adaptive_loss(model, data_dir, settings, cap, eps, batches, device):
     return {"threshold": eps, "loss": float(np.mean(losses)), "mean_loops": float(np.mean(loops))}
 
 
-def forward_flops(model, loops, kl=False):
-    """Forward matmul FLOPs per token (model.flops_per_token's terms) at `loops` iterations; with kl,
-    the coda, C and the head also run after every iteration, as the KL criterion needs."""
-    c = model.config
-    block = sum(p.numel() for n, p in model.core[0].named_parameters()
-                if n.endswith("weight") and p.dim() == 2 and "value_embed" not in n)
-    per_block = 2 * block + 2 * c.block_size * c.n_embd
-    head, inj, C = 2 * c.n_embd * c.padded_vocab_size, 2 * c.n_embd ** 2, 2 * c.n_embd ** 2
-    readout = c.n_coda * per_block + C + head
-    return c.n_prelude * per_block + loops * (c.n_core * per_block + inj) + (loops if kl else 1) * readout
+def forward_flops(model, loops, readout=0):
+    """Forward matmul FLOPs per token at `loops` iterations (a mean, for tokens that exit), the model's own
+    count. The KL criterion also runs C, the coda and the head after every earlier iteration: pass their
+    cost as readout (readout_flops)."""
+    return model.flops_per_token(loops=loops, backward=False) + (loops - 1) * readout
+
+
+def readout_flops(model):
+    """Forward FLOPs per token of C, the coda and the head, by the model's own count: a model like this one
+    but without a prelude costs them plus T iterations at T loops, so F(1) − (F(2) − F(1)) leaves them."""
+    with torch.device("meta"):
+        bare = GPT(dataclasses.replace(model.config, n_prelude=0))
+    one, two = (bare.flops_per_token(loops=T, backward=False) for T in (1, 2))
+    return 2 * one - two
 
 
 @torch.no_grad()
@@ -318,7 +332,7 @@ def simulate_criteria(model, data_dir, settings, cap, batches, device):
         nll.append(torch.stack([p[0] for p in per_T])), change.append(torch.stack([p[1] for p in per_T]))
         kl.append(torch.stack([p[2] for p in per_T]))
     nll, change, kl = (torch.cat(t, dim=1) for t in (nll, change, kl))
-    out = {}
+    out, readout = {}, readout_flops(model)
     for name, crit in (("state", change), ("kl", kl)):
         points = []
         for eps in np.logspace(-5, 0.5, 56):
@@ -327,7 +341,8 @@ def simulate_criteria(model, data_dir, settings, cap, batches, device):
             exit_at = below.float().argmax(dim=0)               # first T (0-based) below the threshold
             loss = nll.gather(0, exit_at[None])[0].mean().item()
             T = exit_at.float().mean().item() + 1
-            flops = forward_flops(model, T, kl=name == "kl")     # affine in the loops: the mean's is the mean
+            # affine in the loops: the cost at the mean exit depth is the mean cost
+            flops = forward_flops(model, T, readout if name == "kl" else 0)
             points.append({"threshold": float(eps), "loss": loss, "mean_loops": T, "forward_mflops": flops / 1e6})
         out[name] = points
     out["fixed_mflops"] = {str(T): forward_flops(model, T) / 1e6 for T in range(1, cap + 1)}
@@ -408,7 +423,7 @@ def speed_claim(r):
 
 
 def adaptive_claim(r):
-    """The issue's claim: adaptive exit within 0.01 nats of the fixed T = μ_rec loss with ≥ 30 % fewer loops."""
+    """What per-token exit should deliver: within 0.01 nats of the fixed T = μ_rec loss with ≥ 30 % fewer loops."""
     target = r["fixed"][str(r["mean_loops"])] + 0.01
     ok = [a for a in r["adaptive"] if a["loss"] <= target]
     best = min(ok, key=lambda a: a["mean_loops"]) if ok else None
@@ -514,7 +529,7 @@ def speculative_main(args):
     results = {"preset": args.preset_name, "environment": common.environment(), "command": args.command,
                "data_dir": args.data_dir, "timing": TIMING if device.type == "cuda" else None, "models": []}
     for label, path in [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args):
-        model, settings = load_pretrained(args, device) if args.init_from else load(path, device)
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device, args)
         x, _ = val_batch(args.data_dir, settings, model, 0, device)
         r = {"model": label, "checkpoint": path, "mean_loops": model.config.mean_loops,
              "runs": speculative_runs(model, x[:1, :PROMPT], args.loops or [16], args.draft_loops, args.draft_tokens)}

@@ -38,7 +38,7 @@ INCIDENTAL = ("out_dir", "save_checkpoint")
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--models", nargs="+", default=list(common.MODELS), choices=common.MODELS)
-    p.add_argument("--budgets", nargs="+", type=int, help="training tokens per run (default: the preset's two)")
+    p.add_argument("--budgets", nargs="+", type=common.at_least(1), help="training tokens per run (default: the preset's two)")
     p.add_argument("--reuse_sweep", action="store_true", help="use finished sweep runs with the same settings")
     p.add_argument("--lr", type=float, default=8e-3, help="the rate of a model the sweep has no rate for")
     args = common.finish_args(p.parse_args(argv))
@@ -66,9 +66,7 @@ def main(argv=None):
 
     def report(_=None):
         results = collect(args, runs, rates)
-        common.write_json(os.path.join(args.results_dir, "quality.json"), results)
-        with open(os.path.join(args.results_dir, "quality.md"), "w") as f:
-            f.write(markdown(results))
+        common.write_results(args.results_dir, "quality", results, markdown)
         return results
 
     common.run_all(to_train, args.parallel, args.gpus, args.dry_run, on_finish=report)

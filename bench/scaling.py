@@ -77,7 +77,7 @@ import common  # noqa: E402
 import loops  # noqa: E402  (its fit of L(T))
 
 LOOPS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32]      # test-time depths of every looped run
-TEST_TIME_R2 = 0.98     # the issue's bar for a checkpoint's fit of L(T)
+TEST_TIME_R2 = 0.98     # a checkpoint's L(T) saturates exponentially when the fit explains this much of it
 LAW_R2 = 0.9            # our bar for a law across checkpoints
 PAPER = {"a": 0.40, "b": 0.78}   # μ* ∝ C^0.40, D* ∝ C^0.78 (PARCAE.md section 9)
 
@@ -437,7 +437,7 @@ def trend(interval):
 
 
 def verdict(results):
-    """Plain-language answers to the issue's questions: looping and data in tandem? saturating test-time curves?"""
+    """Plain-language answers to this bench's questions: looping and data in tandem? saturating test-time curves?"""
     laws, ci, tt = results["laws"], results["bootstrap"], results["test_time"]
     out = {}
     for name, key, law in (("mu_star", "a", laws["mu_star"]), ("D_star", "b", laws["D_star"])):

@@ -33,7 +33,7 @@ def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--models", nargs="+", default=list(common.SWEEP_MODELS), choices=common.MODELS)
     p.add_argument("--rates", nargs="+", type=float, help="learning rates (default: the preset's)")
-    p.add_argument("--tokens", type=int, help="training tokens per run (default: the preset's sweep budget)")
+    p.add_argument("--tokens", type=common.at_least(1), help="training tokens per run (default: the preset's sweep budget)")
     p.add_argument("--spike_margin", type=float, default=0.5, help="nats above the loss EMA that make a spike")
     args = common.finish_args(p.parse_args(argv))
     args.command = common.command(__file__, argv)
@@ -50,9 +50,7 @@ def main(argv=None):
 
     def report(_=None):
         results = collect(args, runs)
-        common.write_json(os.path.join(args.results_dir, "stability.json"), results)
-        with open(os.path.join(args.results_dir, "stability.md"), "w") as f:
-            f.write(markdown(results))
+        common.write_results(args.results_dir, "stability", results, markdown)
         return results
 
     common.run_all([(n, s) for n, _, _, s in runs], args.parallel, args.gpus, args.dry_run, on_finish=report)

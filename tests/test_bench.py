@@ -8,6 +8,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
 
 import numpy as np
@@ -63,13 +65,53 @@ def test_the_fit_recovers_a_known_saturating_exponential():
     assert fit["r2"] == pytest.approx(1.0, abs=1e-12)
 
 
-def test_the_fit_of_noisy_or_flat_points_is_finite_with_r2_at_most_one():
+def test_the_fit_of_noisy_points_is_the_least_squares_one():
+    """With noise, the fit must do at least as well as the curve that made the points (least squares can
+    only go lower), and its SSE and R² must be what its own residuals give. Computed another way, each
+    residual moves by a few float64 ulps of L (~1e-15), so the SSE by under 2·Σ|r|·1e-15 < 1e-13. The
+    grid's z is within 1.7e-7 of the best one (see above): its excess error is second order in that,
+    far below the 1e-12 allowed against the truth."""
     T = np.array([1, 2, 4, 8, 16, 32])
-    noisy = 3 + np.exp(-0.3 * T) + np.random.default_rng(0).normal(0, 0.02, len(T))
-    for L in (noisy, np.full(len(T), 3.0)):
-        fit = loops.fit_exponential(T, L)
-        assert all(math.isfinite(fit[k]) for k in ("L_inf", "Z", "z", "r2"))
-        assert fit["r2"] <= 1.0
+    truth = 3 + np.exp(-0.3 * T)
+    L = truth + np.random.default_rng(0).normal(0, 0.02, len(T))
+    fit = loops.fit_exponential(T, L)
+    curve = fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * T)
+    sse = ((curve - L) ** 2).sum()
+    assert sse == pytest.approx(fit["sse"], rel=0, abs=1e-13)
+    assert sse <= ((truth - L) ** 2).sum() + 1e-12
+    assert fit["r2"] == pytest.approx(1 - sse / ((L - L.mean()) ** 2).sum(), rel=0, abs=1e-12)
+    assert 0.9 < fit["r2"] < 1                          # noise of 0.02 on a fall of 0.74: a good fit, not a perfect one
+
+
+def test_the_fit_of_flat_points_is_flat():
+    T = np.array([1, 2, 4, 8, 16, 32])
+    fit = loops.fit_exponential(T, np.full(len(T), 3.0))
+    curve = fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * T)
+    assert np.abs(curve - 3.0).max() < 1e-12 and fit["r2"] == 1.0
+
+
+@pytest.mark.parametrize("injection", ["parcae", "linear", "add"])
+def test_the_adaptive_bench_counts_each_injections_own_flops(injection):
+    """bench/loops.py's forward FLOPs are the model's count, whatever the injection (W [h; e] costs 4d² a
+    token, B e 2d², h + e nothing), and the KL criterion's extra readout (C, coda, head) is what PyTorch's
+    FLOP counter finds in them, plus the causal attention it skips on a CPU (2·L·d per coda block)."""
+    from conftest import tiny
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny(injection, n_coda=2)
+    c, d = model.config, model.config.n_embd
+    add = tiny("add", n_coda=2)
+    extra = {"parcae": 2 * d * d, "linear": 4 * d * d, "add": 0}[injection]
+    for T in (1, 3, 2.5):
+        assert loops.forward_flops(model, T) == model.flops_per_token(loops=T, backward=False)
+        assert loops.forward_flops(model, T) - loops.forward_flops(add, T) == T * extra
+    L = c.block_size
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, L, dtype=torch.long), loops=1)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    looping = sum(n for name, n in counts.items() if re.fullmatch(r"GPT\.(prelude\.\d+|core\.\d+|injection)", name))
+    counted = (counts["Global"] - looping) / L
+    assert loops.readout_flops(model) == counted + c.n_coda * 2 * L * d
+    assert loops.forward_flops(model, 3, readout=100) == loops.forward_flops(model, 3) + 2 * 100
 
 
 def write_run(out_dir, losses, status, val=None, max_iters=None):
@@ -201,13 +243,29 @@ def test_loops_evaluates_every_depth_and_fits_the_curve(bench):
     m = depth["models"][0]
     assert sorted(map(int, m["losses"])) == preset["loops"]
     assert all(math.isfinite(v) for v in m["losses"].values())
-    fit = m["fit"]
-    assert all(math.isfinite(fit[k]) for k in ("L_inf", "Z", "z", "r2")) and fit["r2"] <= 1
+    fit = m["fit"]      # the fit is of these points: its SSE is what its curve leaves of them (see above)
+    T = np.array(sorted(map(int, m["losses"])))
+    curve = fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * T)
+    assert ((curve - np.array([m["losses"][str(t)] for t in T])) ** 2).sum() == pytest.approx(fit["sse"], rel=0, abs=1e-13)
     # the same batches as training's own evaluation: at T = μ_rec it is the run's final val loss
     q = next(r for r in bench["quality"]["runs"] if r["model"] == "parcae" and r["budget"] == max(preset["budgets"]))
     assert m["losses"][str(preset["mean_loops"])] == q["val_loss"]
     assert (bench["results"] / "loops.png").stat().st_size > 1000
     assert "| parcae |" in (bench["results"] / "loops.md").read_text()
+
+
+def test_loops_refuses_a_checkpoint_trained_on_other_data(bench, toy_data, tiny_data, tmp_path):
+    """Another vocabulary, or one of the same size whose ids are other characters: both are other tokens."""
+    checkpoint = bench["loops"]["models"][0]["checkpoint"]
+    same_size = tmp_path / "same_size"
+    shutil.copytree(toy_data, same_size)
+    meta = json.loads((same_size / "meta.json").read_text())
+    (same_size / "meta.json").write_text(json.dumps({**meta, "chars": [chr(65 + i) for i in range(63)]}))
+    for data, vocab in ((tiny_data, r"\d+"), (same_size, "64")):
+        with pytest.raises(SystemExit, match=r"was trained on char tokens \(vocab 64\), but .* holds other tokens, "
+                                             rf"char tokens \(vocab {vocab}\): pass the --data_dir it was trained on"):
+            loops.main(["--data_dir", str(data), "--preset", "tiny", "--results_dir", str(tmp_path),
+                        "--checkpoints", checkpoint])
 
 
 def test_loops_adaptive_measures_exit_against_fixed_depth_on_the_same_batches(bench):
@@ -282,6 +340,26 @@ def test_the_adaptive_speed_claim_compares_exit_and_fixed_depth_at_batch_1_both_
     assert claim["ratio"] == {"full": 90 / 80, "shared": 100 / 80} and not claim["holds"]
     speed[1]["tokens_per_sec"] = 100.0
     assert loops.speed_claim({"mean_loops": 8, "speed_threshold": 0.1, "speed": speed})["holds"]
+
+
+def test_a_data_folder_without_its_token_files_is_one_line_saying_how_to_make_them(toy_data, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text(open(os.path.join(toy_data, "meta.json")).read())
+    tiny = ["--preset", "tiny", "--results_dir", str(tmp_path)]
+    for script, more in ((stability, tiny), (quality, tiny), (loops, tiny), (loops, tiny + ["--adaptive"]),
+                         (loops, tiny + ["--speculative"]), (scaling, tiny),
+                         (ddp, ["--device", "cpu", "--results_dir", str(tmp_path)])):
+        with pytest.raises(SystemExit, match="train.bin not found: make the data first with `python prepare.py`"):
+            script.main(["--data_dir", str(tmp_path / "data"), *more])
+
+
+@pytest.mark.parametrize("arg, message", [(["--parallel", "0"], "argument --parallel: must be at least 1, got 0"),
+                                          (["--gpus", "-1"], "argument --gpus: must be at least 0, got -1"),
+                                          (["--tokens", "many"], "argument --tokens: 'many' is not a whole number")])
+def test_a_count_below_its_least_value_is_an_argparse_error(toy_data, tmp_path, capsys, arg, message):
+    with pytest.raises(SystemExit) as e:      # argparse's own: the usage, then one line of error
+        stability.main(["--data_dir", toy_data, "--preset", "tiny", "--results_dir", str(tmp_path), *arg])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
 
 
 def test_a_dry_run_prints_the_commands_and_trains_nothing(toy_data, tmp_path, capsys):
@@ -481,11 +559,12 @@ def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(t
 
 @pytest.mark.parametrize("name", ["throughput", "throughput_140m", "throughput_parcae_alone", "throughput_gen",
                                   "throughput_layouts", "throughput_cache", "stability", "quality", "loops",
-                                  "adaptive", "scaling"])
+                                  "adaptive", "scaling", "ddp", "ddp_2xh200/ddp", "ddp_4xh200/ddp"])
 def test_each_committed_table_is_what_its_script_makes_of_its_json(name):
     """bench/results/*.md are not edited by hand: each is its script's markdown() of the JSON beside it."""
     results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
     markdown = {"stability": stability.markdown, "quality": quality.markdown, "loops": loops.markdown,
-                "adaptive": loops.adaptive_markdown, "scaling": scaling.markdown}.get(name, throughput.markdown)
+                "adaptive": loops.adaptive_markdown, "scaling": scaling.markdown,
+                "ddp": ddp.markdown}.get(os.path.basename(name), throughput.markdown)
     with open(os.path.join(results, name + ".json")) as f, open(os.path.join(results, name + ".md")) as g:
         assert markdown(json.load(f)) == g.read()

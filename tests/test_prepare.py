@@ -279,6 +279,7 @@ def refused_url():
     (dict(inputs=["no/such/path"]), "no/such/path is not a file or folder; check the --input path"),
     (dict(source="stdlib", inputs=["EMPTY"]), "give either --source or --input, not both"),
     (dict(source="fineweb-edu", tokenizer="char"), "fineweb-edu is not for the char tokenizer"),
+    (dict(source="fineweb-edu", num_proc=0), "--num_proc must be at least 1"),
     (dict(source="fineweb-edu", tokenizer="byte"), "for bytes, pass local text files with --input"),
     (dict(source="shakespeare", url="REFUSED"),
      "could not download .*refused.*; connect to the internet, or pass --input with a local copy"),

@@ -1,6 +1,7 @@
 """sample.py: generate() on tiny random models, and the command line run as a user runs it on a
 checkpoint of a tiny model."""
 import math
+import re
 import subprocess
 import sys
 
@@ -12,8 +13,6 @@ from conftest import ROOT, TINY, tiny, tokens, write_char_data
 import sample as sample_py
 from model import KVCache
 from sample import accept, bf16_weights, generate
-
-pytest.importorskip("prepare", reason="sample.py decodes with prepare.load_tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +53,14 @@ def test_a_missing_checkpoint_is_a_one_line_error_saying_what_to_run(tmp_path):
     run = sample(f"--out_dir={tmp_path}")
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and "python train.py" in run.stderr
+
+
+@pytest.mark.parametrize("arg", ["--loops=0", "--num_samples=0", "--max_new_tokens=-1", "--top_k=-1",
+                                 "--temperature=-0.5"])
+def test_a_count_below_its_least_value_is_refused(arg):
+    name, value = arg.split("=")
+    with pytest.raises(SystemExit, match=f"^{name} must be at least [01], got {re.escape(value)}$"):
+        sample_py.main([arg])
 
 
 def test_a_prompt_outside_the_vocabulary_is_a_clear_error(out_dir):
@@ -226,7 +233,8 @@ def test_an_exited_token_keeps_its_last_keys_and_values_in_every_later_core_slot
                 last = cache.core[t - 1][j]
                 for r in range(t, 16):
                     for kv in ("k", "v"):
-                        assert torch.equal(getattr(cache.core[r][j], kv)[b, :, i], getattr(last, kv)[b, :, i]), (b, i, j, r)
+                        assert torch.equal(getattr(cache.core[r][j], kv)[b, :, i], getattr(last, kv)[b, :, i]), \
+                            (b, i, j, r)
                 if t > 1:       # (and they differ from its first iteration's: the check is not vacuous)
                     assert not torch.equal(cache.core[0][j].k[b, :, i], last.k[b, :, i])
 

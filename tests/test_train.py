@@ -51,6 +51,10 @@ def test_unknown_setting_is_refused_naming_the_nearest_valid_one():
     ("--schedule=linear", "schedule must be one of"),
     ("--batch_size=0", "batch_size must be a whole number of at least 1"),
     ("--eval_loops=[4, 0]", "eval_loops must be whole numbers of at least 1"),
+    ("--eval_loops=[]", "eval_loops must be whole numbers of at least 1"),
+    ("--init_from=resum", "--init_from=resum: init_from must be scratch, resume, a folder .* or a Hugging Face name "
+                          "such as SandyResearch/parcae-140m, not 'resum' \\(did you mean 'resume'\\?\\)"),
+    ("--init_from=parcae-140m", "did you mean 'SandyResearch/parcae-140m'"),
 ])
 def test_a_value_of_the_wrong_type_or_range_is_refused(arg, message):
     with pytest.raises(SystemExit, match=message):
@@ -306,15 +310,52 @@ def test_resume_refuses_other_model_settings_and_a_damaged_checkpoint(tiny_args,
         train.main(tiny_args(max_iters=20, init_from="resume"))
 
 
+def test_init_from_takes_scratch_resume_a_folder_or_a_hub_name(tmp_path):
+    for value in ("scratch", "resume", str(tmp_path), "SandyResearch/parcae-140m"):
+        assert train.parse_settings([f"--init_from={value}"])["init_from"] == value
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size = 4\nlr = = 3e-3\n", "mine.py, line 2: invalid syntax; a config file holds plain Python assignments"),
+    ("batch_size = 4\nlr = 3e-3 * learning\n", "mine.py, line 2: NameError: name 'learning' is not defined"),
+    ("batch_size = (4\n", "mine.py, line 1: '\\(' was never closed"),
+])
+def test_a_config_file_that_is_not_valid_python_is_one_line_naming_the_line(tmp_path, text, message):
+    path = tmp_path / "mine.py"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=message) as e:
+        train.parse_settings([str(path)])
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
 def test_asking_for_a_gpu_that_is_not_there_says_what_to_use():
     with pytest.raises(SystemExit, match="no CUDA GPU: use --device=cpu"):
         train.pick_device("cuda", local_rank=0)
 
 
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cpu0"])
+def test_a_device_torch_does_not_know_is_one_line_with_the_choices(name):
+    with pytest.raises(SystemExit, match=f"^device='{name}' is not a device: use auto, cpu, cuda, cuda:1, mps"):
+        train.pick_device(name, local_rank=0)
+
+
 def test_missing_data_says_how_to_make_it(tiny_args, tmp_path):
     with pytest.raises(SystemExit, match="python prepare.py"):
         train.main(tiny_args(data_dir=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"tokenizer": "char", "vocab_size": 28', "meta.json is damaged \\(Expecting ',' delimiter: line 1 column 39"),
+    ("\xff\xfe", "meta.json is damaged"),
+    ('{"tokenizer": "char"}', "meta.json has no vocab_size"),
+    ('[28]', "meta.json has no vocab_size"),
+], ids=["cut off", "not text", "no vocab_size", "not an object"])
+def test_a_damaged_meta_json_is_one_line_saying_to_remake_the_data(tiny_args, tiny_data, text, message):
+    (tiny_data / "meta.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(SystemExit, match=message) as e:
+        train.main(tiny_args())
+    assert "prepare.py" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("cut, message", [(1, "val.bin is 3,601 bytes, not a whole number of 2-byte tokens: "
