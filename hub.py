@@ -5,28 +5,28 @@ project's GPT and a tiktoken Encoding.
     python sample.py --init_from=SandyResearch/parcae-140m --loops 16 --start "The sea"
     python prepare.py --source fineweb-edu --tokenizer SandyResearch/parcae-tokenizer
     python train.py CONFIG --data_dir=data/fineweb-edu-parcae-tokenizer --init_from=SandyResearch/parcae-140m
-    python bench/loops.py --data_dir=data/fineweb-edu-parcae-tokenizer --init_from=SandyResearch/parcae-140m
+    python bench/loops.py --data_dir=data/fineweb-edu-parcae-tokenizer --init_from=SandyResearch/parcae-140m@main
 
-The models are parcae-140m, parcae-370m, parcae-770m and parcae-1.3b; --init_from also takes a folder
-holding config.json and the weights. A model repo holds the fields of the release's ParcaeConfig (or
-GPTConfig) in config.json, and a state dict in model.safetensors, pytorch_model.bin or model.pt.
-official_to_gpt() turns the two into our GPT, and refuses, naming the field, anything model.py does not
-compute exactly as the release does. Files are downloaded once, over HTTPS, into
-$HF_HOME/parcae-gpt (HF_HOME defaults to ~/.cache/huggingface); after that, or from a folder, no network
-is needed. HF_ENDPOINT picks another Hub, HF_TOKEN is sent to it for private or gated repos.
+The models are parcae-140m, parcae-370m, parcae-770m and parcae-1.3b. NAME@REVISION pins a branch, tag
+or commit (the default is main); --init_from also takes a folder holding config.json and the weights. A
+model repo holds the fields of the release's ParcaeConfig (or GPTConfig) in config.json, and a state dict
+in model.safetensors, pytorch_model.bin or model.pt. official_to_gpt() turns the two into our GPT, and
+refuses, naming the field, anything model.py does not compute exactly as the release does.
+
+Files come through huggingface_hub, as every Hub user's do: from the shared cache ($HF_HOME/hub, which
+`hf download` fills too) when it holds them, else downloaded into it; with the token of `hf auth login`
+(or HF_TOKEN) for a gated or private repo; from HF_ENDPOINT if set; from the cache alone under
+HF_HUB_OFFLINE=1. All of a model's files come from one commit. Weights are data, never code: safetensors,
+or a pickle read with torch.load(weights_only=True).
 """
 import functools
 import hashlib
-import http.client
+import importlib
 import json
 import os
 import re
-import urllib.error
-import urllib.request
-from urllib.parse import urljoin, urlparse
 
 import torch
-from tqdm import tqdm
 
 from model import GPT, GPTConfig, rotary_tables
 
@@ -35,124 +35,106 @@ WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.pt")    # the first 
 BOS_TEXT, EOS_TEXT = "<|bos|>", "<|eos|>"       # how the tokenizer writes its special tokens
 
 # -----------------------------------------------------------------------------
-# download and cache
+# the Hub, through huggingface_hub
 
 
-def endpoint():
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def cache_root():
-    """Our own folder in the Hugging Face cache: we never touch the files huggingface_hub keeps there."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(home, "parcae-gpt")
-
-
-def check_url(url):
-    """Weights are only fetched over HTTPS. Plain http is allowed for this machine alone (127.0.0.1, localhost,
-    ::1), where nothing travels over a network: the tests serve a fake Hub there."""
-    u = urlparse(url)
-    if not (u.scheme == "https" or (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost", "::1"))):
-        raise SystemExit(f"refusing to download {url}: only https:// is allowed (check HF_ENDPOINT)")
-
-
-def check_repo(name):
-    """owner/name as the Hub spells it. Nothing else, so that no name can point outside our cache folder."""
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name, re.ASCII) or ".." in name:
-        raise SystemExit(f"{name!r} is neither a folder nor a Hugging Face repo name such as "
-                         "SandyResearch/parcae-140m")
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None         # a redirect comes back as an HTTPError: request() follows it itself
-
-
-_opener = urllib.request.build_opener(_NoRedirect)
-REDIRECTS = (301, 302, 303, 307, 308)
-
-
-def request(url, method="GET", start=0):
-    """
-    Open url, following redirects by hand: each hop must pass check_url, and HF_TOKEN goes only to the
-    Hub's own host, never to the storage it redirects a download to. start > 0 asks for the bytes from
-    there on (an HTTP Range request). A HEAD request returns the first answer, redirect or not: the Hub
-    puts the size and sha256 of a large file on the redirect (X-Linked-Size, X-Linked-Etag).
-    """
-    token, home = os.environ.get("HF_TOKEN"), urlparse(endpoint()).netloc
-    for _ in range(10):
-        check_url(url)
-        headers = {"Range": f"bytes={start}-"} if start else {}
-        if token and urlparse(url).netloc == home:
-            headers["Authorization"] = f"Bearer {token}"
-        try:
-            return _opener.open(urllib.request.Request(url, headers=headers, method=method), timeout=60)
-        except urllib.error.HTTPError as e:
-            if e.code not in REDIRECTS:
-                raise
-            if method == "HEAD":
-                return e
-            url = urljoin(url, e.headers["Location"])
-    raise SystemExit(f"too many redirects downloading {url}")
-
-
-def expected(head):
-    """(size, sha256) of a file as the Hub's answer to a HEAD request gives them; None where it gives none. A
-    small file kept in git (config.json) has a git hash as its ETag, not a sha256: then only its size is
-    checked. A redirect's own Content-Length is that of its message, not of the file."""
-    headers = head.headers
-    size = headers.get("X-Linked-Size") or (None if head.status in REDIRECTS else headers.get("Content-Length"))
-    etag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").removeprefix("W/").strip('"')
-    return (int(size) if size else None), (etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None)
-
-
-def download(repo, filename, path):
-    """
-    Fetch repo's filename into path; None if the repo has no such file. The bytes go to path.part, which is
-    renamed to path only once its size and sha256 are checked, so the cache never holds a partial or corrupt
-    file under the real name. An interrupted download leaves path.part behind, and the next call resumes it.
-    """
-    url = f"{endpoint()}/{repo}/resolve/main/{filename}"
+def package(name):
+    """Import huggingface_hub or safetensors where a path needs them: the rest runs without them."""
     try:
-        head = request(url, "HEAD")
-        head.close()
-        size, sha256 = expected(head)
-        part = path + ".part"
-        done = os.path.getsize(part) if os.path.exists(part) else 0
-        if size is not None and done > size:        # not the start of this file: start again
-            done = 0
-        if size is None or done < size:
-            with request(url, start=done) as r:
-                if done and r.status != 206:        # the server ignored the Range: it sends the whole file
-                    done = 0
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(part, "ab" if done else "wb") as f, tqdm(total=size, initial=done, unit="B",
-                                                                  unit_scale=True, desc=f"{repo}/{filename}") as bar:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            return None
-        hint = ("the repo does not exist, or it is private or gated: check the name, or set HF_TOKEN"
-                if e.code in (401, 403) else "try again later")
-        raise SystemExit(f"could not download {url} (HTTP {e.code} {e.reason}): {hint}")
-    except (OSError, http.client.HTTPException) as e:   # no network, refused connection, timeout, a cut
-        raise SystemExit(f"could not download {url} ({getattr(e, 'reason', e)}); run the same command again (a "
-                         "partial download resumes), or pass a folder that holds the files")
-    if size is not None and os.path.getsize(part) < size:      # the connection closed early, without an error
-        raise SystemExit(f"the download of {url} stopped at {os.path.getsize(part):,} of {size:,} bytes; what "
-                         "arrived is kept: run the same command again to resume")
-    got = (os.path.getsize(part) if size else None, sha256_of(part) if sha256 else None)
-    if got != (size, sha256):
-        os.remove(part)
-        raise SystemExit(f"{url} arrived corrupt (size {got[0]}, sha256 {got[1]}; the Hub says size {size}, "
-                         f"sha256 {sha256}); deleted it: run the same command again")
-    os.replace(part, path)
+        return importlib.import_module(name)
+    except ImportError:
+        raise SystemExit(f"this needs the {name.partition('.')[0]} package: pip install -r requirements.txt")
+
+
+def split_name(name):
+    """owner/name[@revision] -> (owner/name, revision or None), or a clear error for anything else (nothing
+    that could name a path outside the cache: the cache keeps a revision's commit in refs/<revision>)."""
+    repo, at, revision = name.partition("@")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo, re.ASCII) or ".." in name \
+            or (at and not re.fullmatch(r"[\w.-]+(/[\w.-]+)*", revision, re.ASCII)):
+        raise SystemExit(f"{name!r} is neither a folder nor a Hugging Face repo name such as "
+                         "SandyResearch/parcae-140m (or SandyResearch/parcae-140m@<branch, tag or commit>)")
+    return repo, revision or None
+
+
+def hub_file(repo, filename, revision=None, repo_type=None):
+    """
+    The local path of `filename` in a Hub repo at `revision` (a branch, tag or commit; default main), or
+    None if the repo has no such file. huggingface_hub asks the Hub which commit the revision is at (unless
+    it is a commit already cached, or we are offline) and serves that commit's file from the shared cache,
+    downloading it there first if need be: a dropped connection resumes with a Range request, and the size
+    is checked. The cache keeps each file under the Hub's hash of it (a large file's sha256, a small one's
+    git object hash); since the library checks only the size, a file new to the cache is checked against
+    that hash here. Every failure is one line that says what to do.
+    """
+    hf = package("huggingface_hub")
+    from huggingface_hub import constants, errors
+    what = f"{repo}{'@' + revision if revision else ''}/{filename}"
+    dataset = repo_type == "dataset"
+    page = constants.ENDPOINT + ("/datasets/" if dataset else "/") + repo
+    before = hf.try_to_load_from_cache(repo, filename, revision=revision, repo_type=repo_type)
+    try:
+        path = hf.hf_hub_download(repo, filename, revision=revision, repo_type=repo_type)
+    except errors.GatedRepoError:    # (a kind of RepositoryNotFoundError: first)
+        raise SystemExit(f"{repo} is gated: accept its conditions at {page} while logged in, then log in "
+                         "here too (`hf auth login`, or set HF_TOKEN)")
+    except errors.RepositoryNotFoundError:
+        raise SystemExit(f"{page} is not a repo you can read: check the name; if it is private, log in "
+                         "(`hf auth login`, or set HF_TOKEN)")
+    except errors.RevisionNotFoundError:
+        raise SystemExit(f"{repo} has no revision {revision!r}: give one of its branches, tags or commits")
+    except errors.LocalEntryNotFoundError:       # (a kind of EntryNotFoundError: before it)
+        if constants.HF_HUB_OFFLINE:
+            download = f"hf download {repo}" + (" --repo-type dataset" if dataset else "")
+            raise SystemExit(f"HF_HUB_OFFLINE is set and the cache ({constants.HF_HUB_CACHE}) does not hold "
+                             f"{what}: run once with a connection (or `{download}`), or unset HF_HUB_OFFLINE")
+        raise SystemExit(f"could not reach {constants.ENDPOINT} for {what}, and the cache does not hold it: "
+                         "check your connection (and HF_ENDPOINT)" +
+                         ("" if dataset else ", or pass a folder that holds the files"))
+    except errors.EntryNotFoundError:
+        return None
+    except errors.HfHubHTTPError as e:
+        raise SystemExit(f"the Hub answered HTTP {getattr(e.response, 'status_code', '?')} for {what}: try again "
+                         "later")
+    except OSError as e:        # the size did not match, the disk is full, ...
+        raise SystemExit(f"could not download {what} ({str(e).splitlines()[0]}): run the same command again")
+    except Exception as e:
+        # a connection that keeps failing ends in the HTTP client's own error (httpx2; httpx or requests
+        # in older huggingface_hub versions); anything else is a bug, and keeps its traceback
+        if type(e).__module__.partition(".")[0] not in ("httpx2", "httpx", "requests", "urllib3"):
+            raise
+        raise SystemExit(f"the download of {what} failed ({type(e).__name__}: {e}): run the same command again")
+    if not (isinstance(before, str) and os.path.samefile(before, path)):
+        check_hash(path, what)
     return path
 
 
-def sha256_of(path):
+def check_hash(path, what):
+    """Refuse, and delete, a file of the cache whose content is not the hash it is kept under."""
+    blob = os.path.realpath(path)
+    want = os.path.basename(blob)
+    if re.fullmatch(r"[0-9a-f]{64}", want):
+        h = hashlib.sha256()
+    elif re.fullmatch(r"[0-9a-f]{40}", want):
+        h = hashlib.sha1(b"blob %d\0" % os.path.getsize(blob))     # git's hash of a file
+    else:
+        return      # a cache on a file system without links keeps the file itself, under its own name
+    with open(blob, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != want:
+        for p in {blob, path}:
+            os.remove(p)
+        raise SystemExit(f"{what} arrived corrupt (its hash is {h.hexdigest()}, the Hub's {want}): deleted it; "
+                         "run the same command again")
+
+
+def snapshot_commit(path):
+    """The commit a cached file belongs to: the cache keeps each commit's files in snapshots/<commit>/."""
+    return os.path.basename(os.path.dirname(path))
+
+
+def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -160,57 +142,37 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def find_file(name, filenames):
-    """The first of filenames that a folder or Hub repo holds, as a local path (downloaded if need be); None if
-    it holds none. A folder, or a file already in the cache, needs no network."""
-    if os.path.isdir(name):
-        paths = [os.path.join(name, f) for f in filenames]
-        return next((p for p in paths if os.path.isfile(p)), None)
-    check_repo(name)
-    folder = os.path.join(cache_root(), *name.split("/"))
-    cached = [os.path.join(folder, f) for f in filenames if os.path.isfile(os.path.join(folder, f))]
-    if cached:
-        return cached[0]
-    for f in filenames:
-        if path := download(name, f, os.path.join(folder, f)):
-            return path
-    return None
-
-
 # -----------------------------------------------------------------------------
-# weights: data, never code
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# a model's files, and its weights: data, never code
 
 
-def read_safetensors(path):
-    """A .safetensors file: an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
-    shape and byte range, then the raw bytes. Each tensor gets its own buffer: one a range of the file's
-    bytes would not always be aligned for its dtype."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header, tensors = json.loads(f.read(n)), {}
-            for name, t in header.items():
-                if name == "__metadata__":
-                    continue
-                if t["dtype"] not in SAFETENSORS_DTYPES:
-                    raise ValueError(f"{name} is {t['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
-                dtype, (begin, end) = SAFETENSORS_DTYPES[t["dtype"]], t["data_offsets"]
-                buffer = bytearray(end - begin)
-                f.seek(8 + n + begin)
-                if f.readinto(buffer) != len(buffer) or len(buffer) != torch.Size(t["shape"]).numel() * dtype.itemsize:
-                    raise ValueError(f"{name}'s bytes do not fit its shape, or the file")
-                tensors[name] = torch.frombuffer(buffer, dtype=dtype).view(t["shape"])
-        return tensors
-    except (ValueError, KeyError, TypeError) as e:     # JSONDecodeError is a ValueError
-        raise SystemExit(f"{path} is not a safetensors file we can read ({type(e).__name__}: {e}); delete it and "
-                         "download it again")
+def model_files(name):
+    """(config.json, weights, its own tokenizer.json or None) of a folder, or of a Hub repo at one commit."""
+    if os.path.isdir(name):
+        found = lambda f: os.path.join(name, f) if os.path.isfile(os.path.join(name, f)) else None
+        return found("config.json"), next(filter(None, map(found, WEIGHTS)), None), found("tokenizer.json")
+    repo, revision = split_name(name)
+    config = hub_file(repo, "config.json", revision)
+    if config is None:
+        return None, None, None
+    commit = snapshot_commit(config)        # the weights come from the config's commit, whatever main is now
+    hf = package("huggingface_hub")
+    cached = [hf.try_to_load_from_cache(repo, f, revision=commit) for f in WEIGHTS]
+    weights = next((p for p in cached if isinstance(p, str)), None)     # (which works offline, too)
+    for f in WEIGHTS:
+        if weights is None:
+            weights = hub_file(repo, f, commit)
+    return config, weights, None
 
 
 def read_weights(path):
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        safetensors = package("safetensors.torch")
+        try:
+            return safetensors.load_file(path)
+        except Exception as e:      # safetensors raises its own SafetensorError for a damaged file
+            raise SystemExit(f"{path} is not a safetensors file we can read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}): delete it and download it again")
     try:        # weights_only: a pickle that would run code is refused
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -320,7 +282,7 @@ def gpt_config(config):
 
 
 def official_name(name, c):
-    """The release's name for one of our GPT's weights."""
+    """The release's name for one of our GPT's weights, or one that c_attn stacks (attn.c_q.weight, ...)."""
     group, _, rest = name.partition(".")
     if group in ("prelude", "core", "coda"):
         i, _, rest = rest.partition(".")
@@ -337,6 +299,13 @@ def official_name(name, c):
             "injection.W.weight": "transformer.adapter.adapter.weight"}[name]
 
 
+def official_names(name, c):
+    """The release's names of the weights that make one of ours: c_attn's rows are its c_q, c_k and c_v."""
+    if name.endswith(".attn.c_attn.weight"):
+        return [official_name(name.replace("c_attn", part), c) for part in ("c_q", "c_k", "c_v")]
+    return [official_name(name, c)]
+
+
 def official_to_gpt(config: dict, state_dict: dict) -> GPT:
     """The release's model (its config.json as a dict, its state dict) as our GPT, in fp32 on the CPU.
     ValueError, naming the field or weight, for anything model.py does not compute exactly as the release."""
@@ -347,10 +316,12 @@ def official_to_gpt(config: dict, state_dict: dict) -> GPT:
     theirs = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}
     ours = {}
     for name in model.state_dict():
-        key = official_name(name, c)
-        if key not in theirs:
-            raise ValueError(f"the weights have no {key}")
-        ours[name] = theirs.pop(key).float()
+        keys = official_names(name, c)
+        missing = [key for key in keys if key not in theirs]
+        if missing:
+            raise ValueError(f"the weights have no {missing[0]}")
+        parts = [theirs.pop(key).float() for key in keys]
+        ours[name] = torch.cat(parts) if len(parts) > 1 else parts[0]     # c_attn: q, k and v stacked by rows
     head = theirs.pop("lm_head.weight", None)       # the same tensor as the embedding (tie_embeddings)
     if head is not None and not torch.equal(head.float(), ours["wte.weight"]):
         raise ValueError("lm_head.weight differs from transformer.wte.weight: the head is not tied")
@@ -365,7 +336,7 @@ def official_to_gpt(config: dict, state_dict: dict) -> GPT:
     model.cos, model.sin = rotary_tables(c.n_embd // c.n_head, c.block_size)
     if freqs is not None:
         L = min(freqs.size(1), c.block_size)
-        table = torch.stack([model.cos[:L], model.sin[:L]], dim=-1)
+        table = torch.stack([model.cos[:L, 1::2], model.sin[:L, 1::2]], dim=-1)     # each pair's cos and sin
         # cos and sin of the same fp32 angles on another machine differ by a few ulps (< 1e-6); saved in a
         # narrower dtype they are rounded to its precision (eps/2 for values in [-1, 1]). Another base or
         # pairing differs by far more (O(1) at the far positions).
@@ -446,24 +417,56 @@ def tiktoken_from_json(path):
     return tiktoken.Encoding(name, pat_str=split["pattern"]["Regex"], mergeable_ranks=ranks, special_tokens=special)
 
 
-@functools.lru_cache(maxsize=None)
-def load_encoding(name):
-    """The tiktoken Encoding of a Hub tokenizer repo, or of a folder, holding tokenizer.json."""
-    path = find_file(name, ("tokenizer.json",))
+def find_tokenizer(name, folder=None, sha256=None):
+    """
+    (path, portable name) of the tokenizer.json that `name` means: a folder holding one, named then by its
+    content (sha256:<hex>), since a folder is one machine's; a Hub repo owner/name[@revision], named by the
+    commit it resolves to (owner/name@<commit>); or either portable name, as meta.json records it. A copy in
+    `folder` whose sha256 is the one expected (`sha256`, or the name's own) comes first, and needs no
+    network: prepare.py keeps one beside the data, and train.py one beside each checkpoint.
+    """
+    if name.startswith("sha256:"):
+        sha256 = name.removeprefix("sha256:")
+    copy = os.path.join(folder, "tokenizer.json") if folder else None
+    if sha256 and copy and os.path.isfile(copy):
+        if file_sha256(copy) != sha256:
+            raise SystemExit(f"{copy} is not the tokenizer {name} (its sha256 differs): put that one there, or "
+                             "remake the data with prepare.py")
+        return copy, name
+    if name.startswith("sha256:"):
+        raise SystemExit(f"the tokenizer {name[:19]}… was a local tokenizer.json, and {copy or 'no folder'} holds "
+                         "no copy of it: copy the tokenizer.json of the data folder there")
+    if os.path.isdir(name):
+        path = os.path.join(name, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{name} has no tokenizer.json")
+        return path, "sha256:" + file_sha256(path)
+    repo, revision = split_name(name)
+    path = hub_file(repo, "tokenizer.json", revision)
     if path is None:
         raise SystemExit(f"{name} has no tokenizer.json")
-    return tiktoken_from_json(path)
+    return path, f"{repo}@{snapshot_commit(path)}"
 
 
-def tokenizer_meta(name):
-    """meta.json's fields for a tokenizer: its size, and its end- and beginning-of-document tokens. The authors'
-    data loader packs documents as <|bos|> text <|eos|> (add_bos, add_eos: on by default), and their evaluation
-    and unconditional sampling start from <|bos|>."""
-    enc = load_encoding(name)
+def load_tokenizer(name, folder=None, sha256=None):
+    """
+    (tiktoken Encoding, meta.json's fields) of a pretrained tokenizer (find_tokenizer's arguments): its
+    portable name and sha256, its size, and its end- and beginning-of-document tokens. The authors' data
+    loader packs documents as <|bos|> text <|eos|> (add_bos, add_eos: on by default), and their evaluation
+    and unconditional sampling start from <|bos|>: so do prepare.py and sample.py.
+    """
+    enc, fields = cached_tokenizer(name, folder, sha256)
+    return enc, dict(fields)
+
+
+@functools.lru_cache(maxsize=None)      # prepare.py's workers ask for it once per batch of documents
+def cached_tokenizer(name, folder, sha256):
+    path, portable = find_tokenizer(name, folder, sha256)
+    enc = tiktoken_from_json(path)
     if not {BOS_TEXT, EOS_TEXT} <= enc.special_tokens_set:
         raise SystemExit(f"{name}'s tokenizer has no {BOS_TEXT} or {EOS_TEXT} token to mark documents with")
-    return dict(vocab_size=enc.n_vocab, eot_token=enc.encode_single_token(EOS_TEXT),
-                bos_token=enc.encode_single_token(BOS_TEXT))
+    return enc, dict(tokenizer=portable, tokenizer_sha256=file_sha256(path), vocab_size=enc.n_vocab,
+                     eot_token=enc.encode_single_token(EOS_TEXT), bos_token=enc.encode_single_token(BOS_TEXT))
 
 
 # -----------------------------------------------------------------------------
@@ -472,13 +475,13 @@ def tokenizer_meta(name):
 
 def load_pretrained(name):
     """
-    (model, meta) of a Hub repo or folder of the release: our GPT (fp32, on the CPU) and the meta.json
-    fields of its tokenizer, which is the folder's own tokenizer.json if it has one, else the authors'.
+    (model, meta) of a Hub repo (owner/name[@revision]) or folder of the release: our GPT (fp32, on the
+    CPU) and the meta.json fields of its tokenizer, which is the folder's own tokenizer.json if it has one,
+    else the authors'.
     """
-    config_path = find_file(name, ("config.json",))
+    config_path, weights_path, own_tokenizer = model_files(name)
     if config_path is None:
         raise SystemExit(f"{name} has no config.json: is it one of the authors' model repos or folders?")
-    weights_path = find_file(name, WEIGHTS)
     if weights_path is None:
         raise SystemExit(f"{name} has no weights: no {', '.join(WEIGHTS)}")
     try:
@@ -487,24 +490,24 @@ def load_pretrained(name):
         model = official_to_gpt(config, read_weights(weights_path))
     except ValueError as e:
         raise SystemExit(f"{name}: cannot convert {os.path.basename(config_path)}: {e}")
-    own = os.path.isdir(name) and os.path.isfile(os.path.join(name, "tokenizer.json"))
-    tokenizer = os.path.abspath(name) if own else TOKENIZER
-    meta = {"tokenizer": tokenizer, **tokenizer_meta(tokenizer)}
+    _, meta = load_tokenizer(name if own_tokenizer else TOKENIZER)
     if meta["vocab_size"] != model.config.vocab_size:
         raise SystemExit(f"{name} has a vocabulary of {model.config.vocab_size:,} tokens, its tokenizer "
-                         f"{tokenizer} one of {meta['vocab_size']:,}")
+                         f"{meta['tokenizer']} one of {meta['vocab_size']:,}")
     return model, meta
 
 
 def load_for_data(name, data_meta, data_dir, block_size=None):
     """The pretrained model, to train or evaluate on a prepare.py folder: refused if the data were tokenized
-    otherwise (their token ids would mean other tokens to it), or if block_size is longer than its own."""
+    otherwise (their token ids would mean other tokens to it), or if block_size is longer than its own. The
+    same tokenizer is the same tokenizer.json, whatever it is called: the hashes are compared."""
     model, meta = load_pretrained(name)
-    data, ours = (data_meta["tokenizer"], data_meta["vocab_size"]), (meta["tokenizer"], meta["vocab_size"])
-    if data != ours:
-        raise SystemExit(f"{data_dir} was tokenized with {data[0]} (vocab {data[1]:,}), but {name} reads "
-                         f"{ours[0]} (vocab {ours[1]:,}): prepare the data with python prepare.py ... "
-                         f"--tokenizer {ours[0]}")
+    data = (data_meta.get("tokenizer_sha256"), data_meta["vocab_size"])
+    if data != (meta["tokenizer_sha256"], meta["vocab_size"]):
+        own = meta["tokenizer"].startswith("sha256:")       # the folder's own tokenizer.json
+        raise SystemExit(f"{data_dir} was tokenized with {data_meta['tokenizer']} (vocab {data[1]:,}), but {name} "
+                         f"reads {meta['tokenizer']} (vocab {meta['vocab_size']:,}): prepare the data with python "
+                         f"prepare.py ... --tokenizer {name if own else TOKENIZER}")
     if block_size and block_size > model.config.block_size:
         raise SystemExit(f"block_size={block_size} is longer than {name}'s {model.config.block_size}")
     return model

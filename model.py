@@ -39,18 +39,19 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(head_dim, max_len, base=50_000.0):
-    """cos and sin of position / base^(2i/head_dim), (max_len, head_dim/2), fp32, rounded as the release rounds."""
+    """cos and sin per channel, (max_len, head_dim) fp32, of the angle position / base^(2i/head_dim) of pair
+    (2i, 2i+1), rounded as the release rounds it; sin is negated on channel 2i, as it enters the rotation there."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)     # not base^(-2i/d)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate the interleaved pairs of channels (2i, 2i+1) of x (B, L, H, D) by their angle."""
-    x1, x2 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)   # even and odd channels, in fp32
-    cos, sin = cos[:, None, :], sin[:, None, :]                 # broadcast over the heads
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate the interleaved pairs of channels of x (B, L, heads, D) by their angle, in the tables' fp32:
+    (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin), as x·cos + (x, pairs swapped)·sin."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)       # (x_2i+1, x_2i)
+    return (x * cos[:, None] + swapped * sin[:, None]).type_as(x)   # the tables broadcast over the heads
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,25 +60,25 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         d, self.n_head = config.n_embd, config.n_head
         self.head_dim = d // self.n_head
-        self.c_q = nn.Linear(d, d, bias=False)
-        self.c_k = nn.Linear(d, d, bias=False)
-        self.c_v = nn.Linear(d, d, bias=False)
+        # q, k and v in one matmul: c_attn's rows are the release's c_q, c_k and c_v stacked, each
+        # initialised and orthogonalised by Muon on its own (reset_parameters, train.configure_optimizers)
+        self.c_attn = nn.Linear(d, 3 * d, bias=False)
         self.c_proj = nn.Linear(d, d, bias=False)
         # value embeddings: a per-head gate mixes the token's own embedding (a separate table) into v
         self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
 
     def forward(self, x, ve, cos, sin, kv=None):
         B, L, d = x.shape
-        q = self.c_q(x).view(B, L, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, L, self.n_head, self.head_dim)
-        v = self.c_v(x).view(B, L, self.n_head, self.head_dim)
+        qkv = self.c_attn(x).view(B, L, 3 * self.n_head, self.head_dim)      # the heads of q, then k, then v
+        qk, v = qkv.split((2 * self.n_head, self.n_head), dim=2)
         if ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))    # (B, L, n_head), in (0, 2)
             v = v + gate.unsqueeze(-1) * ve.view_as(v).type_as(v)
         # RoPE first, then a parameter-free RMS norm of q and k (QK-norm keeps logits tame), with
-        # PyTorch's default eps (the dtype's machine epsilon), as the release computes it
-        q = F.rms_norm(apply_rotary(q, cos, sin), (self.head_dim,))
-        k = F.rms_norm(apply_rotary(k, cos, sin), (self.head_dim,))
+        # PyTorch's default eps (the dtype's machine epsilon), as the release computes it; q and k in
+        # one go, then in v's dtype, as attention would cast them under autocast
+        qk = F.rms_norm(apply_rotary(qk, cos, sin), (self.head_dim,)).type_as(v)
+        q, k = qk.split(self.n_head, dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -86,7 +87,7 @@ class CausalSelfAttention(nn.Module):
             if exited is not None:      # a token that has left the loop keeps the keys and values it has
                 k = torch.where(exited, k_cache[:, :, positions], k)
                 v = torch.where(exited, v_cache[:, :, positions], v)
-            k_cache.index_copy_(2, positions, k.to(k_cache.dtype))     # k may be fp32: rms_norm's output
+            k_cache.index_copy_(2, positions, k.to(k_cache.dtype))     # the cache may keep another dtype
             v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
             y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
@@ -266,8 +267,8 @@ class GPT(nn.Module):
 
         orthogonal(self.wte.weight)     # also the LM head (tied)
         for block in self.blocks():
-            for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                orthogonal(w.weight, math.sqrt(0.4))
+            for w in block.attn.c_attn.weight.chunk(3):     # q, k and v: three orthogonal matrices
+                orthogonal(w, math.sqrt(0.4))
             orthogonal(block.mlp.fc.weight, math.sqrt(1.6))
             # zero out-projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
@@ -369,15 +370,21 @@ class GPT(nn.Module):
             m = int((depths >= T_max - step).sum())     # sequences running at this step
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= T_max - n_grad):
                 h_prev = h
-                u = self.injection(h[:m], e[:m])
-                for block in self.core:
-                    u = block(u, idx[:m], cos, sin, None if cache is None else cache.next_slot())
+                u = self.core_iteration(h[:m], e[:m], idx[:m], cos, sin, cache)
                 h = u if m == len(h) else torch.cat([u, h[m:]])
             norms.append(u.detach().float().norm(dim=-1).mean())
         # cheap stability read-outs, kept as tensors: no host sync until someone logs them
         residual = (h - h_prev).detach().float().norm(dim=-1).mean() / norms[-1]
         self.last_state = {"norms": norms, "residual": residual}
         return h[torch.argsort(order)] if permuted else h
+
+    def core_iteration(self, h, e, idx, cos, sin, cache=None):
+        """One iteration of the loop, h <- core_blocks(inject(h, e)). (train.py replays it as a CUDA graph
+        where it runs without gradient: see train.GraphedIterations.)"""
+        u = self.injection(h, e)
+        for block in self.core:
+            u = block(u, idx, cos, sin, None if cache is None else cache.next_slot())
+        return u
 
     @torch.no_grad()
     def recur_adaptive(self, e, idx, loops, threshold, cos, sin, cache):

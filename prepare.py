@@ -10,6 +10,7 @@ Turn a text corpus into the token files that train.py reads.
     python prepare.py --input $(python -c "import site; print(site.getsitepackages()[0])") \
         --suffix .py .h .hpp --tokenizer byte --name code # and their C/C++ headers, as UTF-8 bytes
     python prepare.py --source fineweb-edu --tokenizer SandyResearch/parcae-tokenizer
+    python prepare.py --source fineweb-edu@<commit> --num_shards 14    # a pinned revision of the dataset
 
 It writes data/<name>/train.bin and val.bin (flat uint16 token ids, one
 end-of-text token after each document) and data/<name>/meta.json, which says
@@ -27,9 +28,13 @@ overwrite each other.
 
 --tokenizer also takes a pretrained model's tokenizer, to fine-tune it (hub.py):
 a Hugging Face repo name such as SandyResearch/parcae-tokenizer (the authors'
-models'), or a folder holding a tokenizer.json. Documents are then written as
-the authors' data loader packs them, <|bos|> text <|eos|>; eot_token is <|eos|>
-and meta.json also records bos_token.
+models'; NAME@REVISION pins a branch, tag or commit), or a folder holding a
+tokenizer.json. Documents are then written as the authors' data loader packs
+them, <|bos|> text <|eos|>; eot_token is <|eos|> and meta.json also records
+bos_token. meta.json names the tokenizer so that the name works on any machine:
+a repo by the commit it resolved to (SandyResearch/parcae-tokenizer@<commit>),
+a folder's tokenizer.json by its content (sha256:<hex>); tokenizer_sha256 is
+the file's hash, and a copy of it, tokenizer.json, goes beside meta.json.
 
 Sources and how each is split into train/val:
   stdlib       (default, no download) the top-level *.py files of this Python's
@@ -38,12 +43,15 @@ Sources and how each is split into train/val:
                go to val (~14%, ~660 KB on Python 3.11). Default tokenizer: char.
   shakespeare  Tiny Shakespeare (one 1 MB file, downloaded once and kept in
                data/<name>/input.txt). The last 10% (cut at a line start) is val.
-  fineweb-edu  --num_shards parquet files of FineWeb-Edu's sample/10BT, from
-               --url. Shards are downloaded and tokenized (in parallel) once,
-               kept in data/<name>/shards/, and skipped on a re-run (whatever
-               --url says: delete that folder to start afresh). Val is the
-               first 1% of the first shard's documents, so it stays the same
-               whatever --num_shards is.
+  fineweb-edu  --num_shards parquet files of sample/10BT of the Hugging Face
+               dataset HuggingFaceFW/fineweb-edu (fineweb-edu@REVISION pins
+               one), through huggingface_hub: into the shared Hub cache
+               ($HF_HOME/hub), resumed, size- and hash-checked, and read from
+               there by any later run or project. Each shard is tokenized (in
+               parallel) once, kept in data/<name>/shards/, and skipped on a
+               re-run, whatever the revision: delete that folder to start
+               afresh. Val is the first 1% of the first shard's documents, so
+               it stays the same whatever --num_shards is.
   --input      local text files or folders (searched recursively, sorted, hidden
                names skipped; binary or non-UTF-8 files are skipped and counted;
                in folders, --suffix .py keeps only names that end so). A file
@@ -68,7 +76,7 @@ from tqdm import tqdm
 
 EOT_TEXT = "<|endoftext|>"  # how both tokenizers write the end-of-text token as text
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-FINEWEB_URL = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/"
+FINEWEB = "HuggingFaceFW/fineweb-edu"  # a dataset repo on the Hub; its sample/10BT/ holds the shards
 SOURCES = ("stdlib", "shakespeare", "fineweb-edu")
 
 # -----------------------------------------------------------------------------
@@ -85,23 +93,26 @@ def get_gpt2():
                          "once so tiktoken can cache them, or set TIKTOKEN_CACHE_DIR to a folder that holds them")
 
 
-def get_encoding(tokenizer):
-    """tiktoken Encoding of gpt2 or of a pretrained model's tokenizer, and meta.json's fields for it."""
+def get_encoding(tokenizer, folder=None, sha256=None):
+    """tiktoken Encoding of gpt2 or of a pretrained model's tokenizer, and meta.json's fields for it. A
+    pretrained tokenizer is named as --tokenizer or meta.json names it; the copy of its tokenizer.json in
+    folder, if its sha256 is the one given, is read first (hub.find_tokenizer)."""
     if tokenizer == "gpt2":
         enc = get_gpt2()
         return enc, dict(vocab_size=enc.n_vocab, eot_token=enc.eot_token)
     import hub  # only a pretrained model's tokenizer needs it
-    return hub.load_encoding(tokenizer), hub.tokenizer_meta(tokenizer)
+    return hub.load_tokenizer(tokenizer, folder, sha256)
 
 
-def load_tokenizer(meta):
-    """(encode, decode) for a meta.json dict. Each tokenizer renders its special tokens as text (the
+def load_tokenizer(meta, folder=None):
+    """(encode, decode) for a meta.json dict, whose pretrained tokenizer may be the tokenizer.json kept in
+    folder (beside the data, or a checkpoint). Each tokenizer renders its special tokens as text (the
     end-of-text token as EOT_TEXT for char and gpt2, as <|eos|> for a pretrained model's) and
     encodes that text back to them, so decode(encode(s)) == s."""
     if meta["tokenizer"] == "byte":
         return byte_encode, byte_decode
     if meta["tokenizer"] != "char":
-        enc = get_encoding(meta["tokenizer"])[0]
+        enc = get_encoding(meta["tokenizer"], folder, meta.get("tokenizer_sha256"))[0]
         special = {EOT_TEXT} if meta["tokenizer"] == "gpt2" else "all"
         return (lambda s: enc.encode(s, allowed_special=special)), enc.decode
     chars, eot = meta["chars"], meta["eot_token"]
@@ -255,19 +266,21 @@ def text_docs(inputs, suffixes=()):
 
 
 def framed(stats, docs):
-    """Each document's ids as the tokenizer's data have them: after its BOS token if it has one, then EOT."""
+    """Each document's ids as the tokenizer's data have them: after its BOS token if it has one, then EOT.
+    A pretrained model's tokenizer has both: <|bos|> text <|eos|>, as the authors' data loader packs
+    documents, and as their evaluation and sampling begin one."""
     bos = [stats["bos_token"]] if "bos_token" in stats else []
     return [bos + d + [stats["eot_token"]] for d in docs]
 
 
 def _encode_batch(job):
-    """Pool worker: (tokenizer, a batch of documents) -> one uint16 array of the framed documents."""
-    tokenizer, texts = job
-    enc, stats = get_encoding(tokenizer)  # cached, so this is cheap after the first call in each worker
+    """Pool worker: (tokenizer, its folder, a batch of documents) -> one uint16 array of the framed documents."""
+    tokenizer, folder, texts = job
+    enc, stats = get_encoding(tokenizer, folder)  # cached, so this is cheap after the first call in each worker
     return len(texts), next(bpe_token_chunks(texts, enc, stats, batch=max(1, len(texts))))
 
 
-def tokenize_parquet(src, dst, num_proc, tokenizer):
+def tokenize_parquet(src, dst, num_proc, tokenizer, folder):
     try:
         import pyarrow.parquet as pq  # only this source reads parquet
     except ImportError:
@@ -277,15 +290,14 @@ def tokenize_parquet(src, dst, num_proc, tokenizer):
     except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
         pf = None
     if pf is None or "text" not in pf.schema_arrow.names:
-        raise SystemExit(f"prepare.py: {src} is not a parquet file with a 'text' column; check --url, "
-                         "delete the file and run again")
+        raise SystemExit(f"prepare.py: {src} is not a parquet file with a 'text' column; delete it and run again")
     tmp = dst + ".tmp"
     with Pool(num_proc) as pool, open(tmp, "wb") as f, \
             tqdm(total=pf.metadata.num_rows, unit="docs", desc=f"tokenize {os.path.basename(src)}") as bar:
         # a few thousand documents at a time: Pool.imap would read the whole shard into memory
         for batch in pf.iter_batches(batch_size=8192, columns=["text"]):
             texts = [t or "" for t in batch.column("text").to_pylist()]
-            jobs = [(tokenizer, texts[i:i + 256]) for i in range(0, len(texts), 256)]
+            jobs = [(tokenizer, folder, texts[i:i + 256]) for i in range(0, len(texts), 256)]
             for n, ids in pool.imap(_encode_batch, jobs):
                 ids.tofile(f)
                 bar.update(n)
@@ -302,18 +314,22 @@ def doc_ends(path, eot):
     return np.concatenate(ends)
 
 
-def prepare_fineweb(folder, url, num_shards, num_proc, tokenizer):
+def prepare_fineweb(folder, revision, num_shards, num_proc, tokenizer):
     """Download and tokenize the shards not done yet, then write train.bin/val.bin from them."""
-    stats = get_encoding(tokenizer)[1]  # fail early, before any download, if the tokenizer is missing
+    stats = get_encoding(tokenizer, folder)[1]  # fail early, before any download, if the tokenizer is missing
     eot = stats["eot_token"]
     shards = []
     for i in range(num_shards):
         name = f"{i:03d}_00000"
-        parquet, tokens = (os.path.join(folder, "shards", name + ext) for ext in (".parquet", ".bin"))
-        if not os.path.exists(tokens):  # tokenized already: neither download nor parquet needed
-            download(url.rstrip("/") + f"/{name}.parquet", parquet,
-                     "check your connection, --url, and that --num_shards is not more than there are")
-            tokenize_parquet(parquet, tokens, num_proc, tokenizer)
+        tokens = os.path.join(folder, "shards", name + ".bin")
+        if not os.path.exists(tokens):  # tokenized already: no download needed
+            import hub  # huggingface_hub does the downloading (hub.hub_file)
+            parquet = hub.hub_file(FINEWEB, f"sample/10BT/{name}.parquet", revision, repo_type="dataset")
+            if parquet is None:
+                raise SystemExit(f"prepare.py: {FINEWEB} has no sample/10BT/{name}.parquet: --num_shards={num_shards} "
+                                 "is more than it holds")
+            os.makedirs(os.path.dirname(tokens), exist_ok=True)
+            tokenize_parquet(parquet, tokens, num_proc, tokenizer, folder)
         shards.append(tokens)
     ends = [doc_ends(p, eot) for p in shards]
     if len(ends[0]) < 2:
@@ -406,7 +422,7 @@ def write_docs(folder, train_docs, val_docs, tokenizer):
         stats = dict(vocab_size=BYTE_EOT + 1, eot_token=BYTE_EOT)
         encode_all = byte_token_chunks
     else:
-        enc, stats = get_encoding(tokenizer)
+        enc, stats = get_encoding(tokenizer, folder)
         encode_all = lambda docs: bpe_token_chunks(docs, enc, stats)
     if stats["vocab_size"] > 1 << 16:
         raise SystemExit(f"prepare.py: a vocabulary of {stats['vocab_size']} does not fit the uint16 token "
@@ -428,14 +444,15 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
     if suffixes and not inputs:
         raise SystemExit("prepare.py: --suffix filters the files of --input folders; give --input too")
     source = "text" if inputs else (source or "stdlib")
+    source, at, revision = source.partition("@")  # fineweb-edu@REVISION: the Hub dataset at that revision
+    if at and source != "fineweb-edu":
+        raise SystemExit(f"prepare.py: only fineweb-edu comes from the Hub, with a revision; {source} has none")
     if source not in SOURCES + ("text",):
         raise SystemExit(f"prepare.py: unknown source {source!r}; "
                          f"choose one of {', '.join(SOURCES)}, or pass --input FILES")
     default_tokenizer = "char" if source == "stdlib" else "gpt2"
     tokenizer = tokenizer or default_tokenizer
-    if os.path.isdir(tokenizer):  # a folder with a pretrained model's tokenizer.json: found from anywhere
-        tokenizer = os.path.abspath(tokenizer)
-    elif tokenizer not in ("char", "byte", "gpt2") and "/" not in tokenizer:
+    if tokenizer not in ("char", "byte", "gpt2") and "/" not in tokenizer and not os.path.isdir(tokenizer):
         raise SystemExit(f"prepare.py: unknown tokenizer {tokenizer!r}; choose char, byte or gpt2, or a pretrained "
                          "model's: a Hugging Face repo such as SandyResearch/parcae-tokenizer, or a folder")
     if source == "fineweb-edu" and tokenizer == "char":
@@ -446,13 +463,24 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
                          "model's); for bytes, pass local text files with --input")
     if num_shards < 1:
         raise SystemExit("prepare.py: --num_shards must be at least 1")
-    suffix = os.path.basename(tokenizer.rstrip("/"))  # SandyResearch/parcae-tokenizer -> parcae-tokenizer
+    if url and source != "shakespeare":
+        raise SystemExit(f"prepare.py: --url is where shakespeare comes from; {source} has none (fineweb-edu comes "
+                         "from the Hugging Face Hub: HF_ENDPOINT picks another Hub, fineweb-edu@REVISION a revision)")
+    # SandyResearch/parcae-tokenizer@<revision> -> parcae-tokenizer
+    suffix = os.path.basename(tokenizer.rstrip("/")).partition("@")[0]
     folder = os.path.join(out_dir, name or (source if tokenizer == default_tokenizer else f"{source}-{suffix}"))
+    if tokenizer not in ("char", "byte", "gpt2"):  # a pretrained model's: found once, given a name that travels
+        import hub
+        path, tokenizer = hub.find_tokenizer(tokenizer)
+        os.makedirs(folder, exist_ok=True)
+        copy = os.path.join(folder, "tokenizer.json")  # the data carry their tokenizer: it needs no network
+        if not (os.path.exists(copy) and os.path.samefile(path, copy)):
+            shutil.copyfile(path, copy)
 
     if source == "fineweb-edu":  # too big for memory: streamed through per-shard token files
-        url = url or FINEWEB_URL
-        desc = f"FineWeb-Edu sample/10BT, {num_shards} shard(s) from {url}; val = first 1% of shard 0's documents"
-        stats = prepare_fineweb(folder, url, num_shards, num_proc or os.cpu_count(), tokenizer)
+        desc = (f"FineWeb-Edu sample/10BT ({FINEWEB} at {revision or 'main'}), {num_shards} shard(s); "
+                "val = first 1% of shard 0's documents")
+        stats = prepare_fineweb(folder, revision or None, num_shards, num_proc or os.cpu_count(), tokenizer)
     else:
         if source == "stdlib":
             train_docs, val_docs, desc = stdlib_docs()
@@ -471,16 +499,17 @@ def prepare(source=None, inputs=None, tokenizer=None, name=None, out_dir="data",
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", help=f"one of {', '.join(SOURCES)} (default: stdlib)")
+    p.add_argument("--source", help=f"one of {', '.join(SOURCES)} (default: stdlib); fineweb-edu@REVISION pins "
+                   "a branch, tag or commit of the dataset")
     p.add_argument("--input", nargs="+", metavar="PATH", help="local text files or folders instead of a source")
     p.add_argument("--suffix", nargs="+", action="extend", default=[], metavar="SUFFIX",
                    help="--input folders: read only the files whose names end so, e.g. --suffix .py .pyi")
     p.add_argument("--tokenizer", help="char | byte | gpt2 | a pretrained model's: a Hugging Face repo such as "
-                   "SandyResearch/parcae-tokenizer, or a folder with a tokenizer.json (default: char for stdlib, "
-                   "gpt2 otherwise)")
+                   "SandyResearch/parcae-tokenizer (NAME@REVISION pins one), or a folder with a tokenizer.json "
+                   "(default: char for stdlib, gpt2 otherwise)")
     p.add_argument("--name", help="output folder name (default: the source name)")
     p.add_argument("--out_dir", default="data")
-    p.add_argument("--url", help="shakespeare: the file to download; fineweb-edu: the folder holding the shards")
+    p.add_argument("--url", help="shakespeare: the file to download (default: Tiny Shakespeare on GitHub)")
     p.add_argument("--num_shards", type=int, default=1, help="fineweb-edu: how many parquet shards")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="fineweb-edu: tokenizer processes")
     a = p.parse_args(argv)

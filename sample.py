@@ -7,10 +7,12 @@ generate() is the decoding loop: prefill, then one new token at a time with the 
     python sample.py --out_dir=out-parcae-350m --loops 1 --start FILE:prompt.txt
     python sample.py --init_from=SandyResearch/parcae-140m --loops 16 --start "The sea"
 
-The checkpoint carries its tokenizer (the data's meta.json), so the data folder is not needed.
---init_from samples one of the authors' pretrained models instead (hub.py).
+The checkpoint carries its tokenizer (the data's meta.json names it; a pretrained one's tokenizer.json
+is copied beside ckpt.pt), so the data folder is not needed. --init_from samples one of the authors'
+pretrained models instead (hub.py; NAME@REVISION pins a branch, tag or commit).
 """
 import argparse
+import os
 from contextlib import nullcontext
 
 import torch
@@ -160,15 +162,20 @@ def bf16_weights(model):
     Store the linear layers' weights in bf16, for decoding under bf16 autocast on a GPU: the matmuls
     compute in bf16 anyway, so nothing changes but where the cast happens. Eager autocast casts each
     weight once and caches it, but a torch.compile'd block casts every weight again on every call,
-    about a quarter of a decoding step at batch 1. Norms, embeddings and the injection's A_log /
-    dt_bias stay in fp32, so the head, tied to the embedding, still casts it each token (~2 % of
-    a step, compiled). The same matrices are also laid out column by column: for one
-    token, cuBLAS multiplies by a d×d weight in 3.5 µs that way and in 7.2 µs row by row (an H200,
-    bench/results/throughput_layouts.md). Returns the model, changed in place.
+    about a quarter of a decoding step at batch 1. The value-embedding tables too: their rows join v,
+    which is bf16 there, so each row is rounded once here instead of at every lookup. Norms, the
+    token embedding (the residual stream keeps its fp32) and the injection's A_log / dt_bias stay in
+    fp32, so the head, tied to the embedding, still casts it each token (~2 % of a step, compiled).
+    The matrices are also laid out column by column: for one token, cuBLAS multiplies by a d×d weight
+    in 3.5 µs that way and in 7.2 µs row by row (an H200, bench/results/throughput_layouts.md).
+    Returns the model, changed in place.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.data = module.weight.data.bfloat16().t().contiguous().t()     # W, column-major
+    for block in model.blocks():
+        if block.value_embed is not None:
+            block.value_embed.weight.data = block.value_embed.weight.data.bfloat16()
     return model
 
 
@@ -200,7 +207,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="the folder holding ckpt.pt (train.py's out_dir)")
     p.add_argument("--init_from", help="a pretrained model instead of out_dir's: a Hugging Face repo such as "
-                   "SandyResearch/parcae-140m, or a folder holding its files (hub.py)")
+                   "SandyResearch/parcae-140m (@REVISION pins one), or a folder holding its files (hub.py)")
     p.add_argument("--loops", type=int, help="core iterations per token (default: the model's mean_loops)")
     p.add_argument("--start", default="", help='the prompt, or FILE:path to read it from a file '
                                                '(default: the start of a new document)')
@@ -226,9 +233,10 @@ def main(argv=None):
 
     if args.init_from:
         import hub
-        path = args.init_from
+        path = folder = args.init_from          # a folder may hold the model's own tokenizer.json
         model, meta = hub.load_pretrained(path)
     else:
+        folder = args.out_dir                   # which holds the copy of a pretrained tokenizer
         path = f"{args.out_dir}/ckpt.pt"
         ckpt = train.load_checkpoint(path)
         model = train.model_from_checkpoint(ckpt, path)
@@ -239,7 +247,7 @@ def main(argv=None):
         raise SystemExit(f"{path} holds a plain Transformer: it has no loop to exit early (drop --exit_threshold)")
 
     from prepare import load_tokenizer      # here, so that --help works without prepare's dependencies
-    encode, decode = load_tokenizer(meta)
+    encode, decode = load_tokenizer(meta, folder if os.path.isdir(folder) else None)
     device = train.pick_device(args.device, local_rank=0)
     # bf16 autocast on cuda, as in training; fp32 elsewhere
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +32,7 @@ from types import MethodType, SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -42,12 +44,15 @@ from model import GPT, GPTConfig
 out_dir = "out"
 data_dir = "data/stdlib"         # train.bin, val.bin, meta.json, as written by prepare.py
 init_from = "scratch"            # scratch (an out_dir with no ckpt.pt) | resume (from out_dir/ckpt.pt) | a pretrained
-                                 # model to fine-tune (hub.py): SandyResearch/parcae-140m, or a folder of its files
+                                 # model to fine-tune (hub.py): SandyResearch/parcae-140m (@REVISION pins a branch,
+                                 # tag or commit), or a folder of its files
 save_checkpoint = True
 seed = 1337
 device = "auto"                  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps ...
 dtype = "auto"                   # auto (bfloat16 autocast on cuda, float32 elsewhere) | bfloat16 | float32
 compile = "auto"                 # torch.compile the blocks, injection and head: auto (on cuda only) | True | False
+activation_checkpoint = False    # keep only each block's input, and run the block again in the backward:
+                                 # less memory for one more forward of the blocks (checkpoint_blocks)
 # model (the vocabulary size comes from the data's meta.json)
 block_size = 128
 n_embd = 96
@@ -66,7 +71,8 @@ batch_size = 32                  # per process and micro-step
 grad_accum_steps = 1             # over all processes: divided among the DDP ranks
 # optimizer and schedule
 max_iters = 500
-lr = 1.5e-2                      # for both Muon and AdamW
+lr = 1.5e-2                      # Muon's peak learning rate, and AdamW's unless adamw_lr is set
+adamw_lr = 0.0                   # AdamW's own peak learning rate, on the same schedule (0: lr)
 schedule = "trapezoid"           # trapezoid (warmup, constant, linear cool-down to 0) | cosine (to min_lr)
 warmup_iters = 0
 cooldown_frac = 0.5              # trapezoid: the last half of training decays to 0
@@ -159,14 +165,16 @@ def parse_settings(argv):
 # the optimizers (PARCAE.md section 5)
 
 
-def configure_optimizers(model, lr, weight_decay, device_type):
+def configure_optimizers(model, lr, weight_decay, device_type, adamw_lr=None):
     """Muon for the blocks' 2-D matrices, AdamW for everything else (embeddings, head,
     value embeddings, norms, the injection's A_log / dt_bias / B / W, and C)."""
     matrices = {id(m.weight) for b in model.blocks() for m in b.modules() if isinstance(m, torch.nn.Linear)}
     muon_params = [p for p in model.parameters() if id(p) in matrices]
     adam_params = [p for p in model.parameters() if id(p) not in matrices]
-    muon = Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95)
-    adamw = torch.optim.AdamW(adam_params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+    # c_attn stacks q, k and v: Muon orthogonalises them apart, as the release's three matrices
+    pieces = {id(b.attn.c_attn.weight): 3 for b in model.blocks()}
+    muon = Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95, pieces=pieces)
+    adamw = torch.optim.AdamW(adam_params, lr=adamw_lr or lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
                               fused=(device_type == "cuda"))
     return [muon, adamw]
 
@@ -177,10 +185,13 @@ class Muon(torch.optim.Optimizer):
     pushed to about 1) by Newton–Schulz, its lr scaled by sqrt(max(1, rows/cols)), with decoupled weight
     decay. torch.optim.Muon's step (up to bf16 rounding), but matrices of one shape go through Newton–Schulz
     together: one at a time, the 350m models' 78 matrices took 30 ms of a 264 ms H200 step, ~20 kernels each.
+    pieces, {id(parameter): n}, names the matrices that stack n of the same shape by rows (c_attn: q, k, v):
+    each piece is orthogonalised and its lr scaled on its own, as n separate matrices would be.
     """
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5, pieces=None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        self.pieces = pieces or {}
 
     @staticmethod
     def orthogonalize(G, steps):
@@ -205,7 +216,10 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - beta)                                         # β·buf + (1-β)·g
-                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, beta)))  # Nesterov
+                update = p.grad.lerp(buf, beta)                                     # Nesterov
+                n = self.pieces.get(id(p), 1)
+                for piece, u in zip(p.chunk(n), update.chunk(n)):       # views: the step writes into p
+                    by_shape.setdefault(piece.shape, []).append((piece, u))
             for (rows, cols), pairs in by_shape.items():
                 updates = self.orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
                 for (p, _), u in zip(pairs, updates):
@@ -348,16 +362,92 @@ def estimate_mfu(model, tokens_per_sec, device=None):
     return None if peak is None else model.flops_per_token() * tokens_per_sec / peak
 
 
+class GraphedIterations:
+    """
+    The loop's iterations without gradient, each replayed as a CUDA graph: a copy in, one launch, a copy out.
+    A small model's step is bound by the host, not the GPU: each compiled block call costs the CPU about a
+    millisecond (guards, Python, launches) while the GPU finishes it sooner, and with per-sequence depths
+    most iterations run without gradient on a shrinking prefix of the batch (at μ_rec 4, about 8 of a
+    micro-batch's 10). One graph per input shape (number of running sequences, length, dtypes) is recorded
+    the first time that shape comes, all in one memory pool. Replays read the parameters where they live,
+    so optimizer steps, which update them in place, are seen. Iterations with gradient, on the CPU, or
+    writing a KV cache run as before.
+    """
+
+    def __init__(self, iteration):
+        self.iteration, self.graphs, self.pool = iteration, {}, None
+
+    def __call__(self, h, e, idx, cos, sin, cache=None):
+        if torch.is_grad_enabled() or cache is not None or not h.is_cuda:
+            return self.iteration(h, e, idx, cos, sin, cache)
+        inputs = (h, e, idx, cos, sin)
+        key = tuple((x.shape, x.dtype) for x in inputs) + (torch.is_autocast_enabled("cuda"),)
+        if key not in self.graphs:
+            self.graphs[key] = self.record(inputs)
+        graph, static_inputs, out = self.graphs[key]
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x)
+        graph.replay()
+        return out.clone()      # the next replay overwrites `out`
+
+    def record(self, inputs):
+        static = [x.detach().clone() for x in inputs]
+        graph = torch.cuda.CUDAGraph()
+        # autocast's cache of bf16 weight copies is off while recording: the graph must cast the fp32
+        # weights at every replay, not read a copy that is freed when the forward's autocast block ends
+        autocast = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
+            side = torch.cuda.Stream()      # warm up on a side stream, as PyTorch asks, in the same state:
+            side.wait_stream(torch.cuda.current_stream())   # compiling and cuBLAS's set-up happen here,
+            with torch.cuda.stream(side):                   # not during the capture
+                self.iteration(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.iteration(*static)
+        self.pool = graph.pool()
+        return graph, static, out
+
+
+def checkpoint_blocks(model):
+    """
+    Activation checkpointing: a block run with gradient keeps only its inputs, not the activations
+    inside it, and runs again in the backward to rebuild them (torch.utils.checkpoint). A block draws
+    no random numbers, so the rerun computes them bit for bit and the gradients are a plain backward's
+    (tests/test_train.py). The loop's no-grad iterations keep nothing anyway (truncated backprop through
+    depth), so they run as they are. Changes the model in place; compile_model then compiles the
+    checkpointed blocks, which keeps the rerun inside the compiled graph.
+    """
+    for block in model.blocks():
+        def forward(*args, plain=block.forward):
+            if not torch.is_grad_enabled():
+                return plain(*args)
+            return torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, preserve_rng_state=False)
+        block.forward = forward
+
+
+def wrap_ddp(model, device):
+    """
+    DDP over the processes torchrun started. The rotary tables are constants: no need to sync buffers
+    before every forward. torch 2.13 renamed broadcast_buffers (now a FutureWarning on every rank) to
+    forward_sync_buffers; torch 2.11 knows only the old name.
+    """
+    new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               **{"forward_sync_buffers" if new_name else "broadcast_buffers": False})
+
+
 def compile_model(model):
     """
     torch.compile each block, the injection and the head, so the data-dependent loop stays in Python.
     Shapes start static; the first time a block sees another number of running sequences, Dynamo
-    recompiles it once with that size symbolic, and no later depth compiles again.
+    recompiles it once with that size symbolic, and no later depth compiles again. On a GPU the loop's
+    iterations without gradient are then replayed as CUDA graphs (GraphedIterations).
     """
     for block in model.blocks():
         block.compile()
     if model.config.looped:
         model.injection.compile()      # a dozen small kernels per iteration, fused
+        model.core_iteration = GraphedIterations(model.core_iteration)
     # the compiled head, bound to this model as a method is, hides GPT.head for this instance
     model.head = MethodType(torch.compile(GPT.head), model)
     # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:
@@ -448,7 +538,7 @@ def train(cfg, rank, world, device):
     torch.manual_seed(cfg.seed)     # the same initial weights on every rank
     model = raw_model = (pretrained or GPT(config)).to(device)
     pretrained_name = cfg.init_from if pretrained else ckpt and ckpt.get("pretrained")    # kept in each checkpoint
-    optimizers = configure_optimizers(raw_model, cfg.lr, cfg.weight_decay, device.type)
+    optimizers = configure_optimizers(raw_model, cfg.lr, cfg.weight_decay, device.type, cfg.adamw_lr)
     muon = optimizers[0]
     start_step, train_time, last_val, saved_step = 0, 0.0, None, None
     if ckpt:
@@ -462,18 +552,19 @@ def train(cfg, rank, world, device):
     def stop(step, why):        # a clear stop that says what the last good checkpoint holds
         kept = f"{ckpt_path} still holds step {saved_step}" if saved_step else "no checkpoint was saved"
         raise SystemExit(f"stopped at step {step}: {why} ({kept})")
+    if cfg.activation_checkpoint:
+        checkpoint_blocks(raw_model)
     if use_compile:
         compile_model(raw_model)
     if world > 1:
-        # the rotary tables are constants: no need to sync buffers before every forward. torch 2.13
-        # renamed broadcast_buffers (now a FutureWarning on every rank) to forward_sync_buffers;
-        # torch 2.11 knows only the old name
-        new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    **{"forward_sync_buffers" if new_name else "broadcast_buffers": False})
+        model = wrap_ddp(raw_model, device)
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        # a pretrained tokenizer travels with the checkpoints: sample.py decodes with this copy on any machine
+        tokenizer_copy = os.path.join(cfg.data_dir, "tokenizer.json")
+        if "tokenizer_sha256" in meta and os.path.isfile(tokenizer_copy):
+            shutil.copyfile(tokenizer_copy, os.path.join(cfg.out_dir, "tokenizer.json"))
         if start_step == 0 and os.path.exists(metrics_path):
             os.remove(metrics_path)         # a fresh run starts a fresh log
         elif os.path.exists(metrics_path):  # resuming: drop what a crashed run logged after its checkpoint
@@ -491,6 +582,7 @@ def train(cfg, rank, world, device):
               f"{'bfloat16' if bf16 else 'float32'}, {'compiled' if use_compile else 'not compiled'}"
               + (f" | resuming at step {start_step}" if start_step else ""))
 
+    adamw_scale = cfg.adamw_lr / cfg.lr if cfg.adamw_lr and cfg.lr else 1.0     # (× 1.0 is exact)
     bar = tqdm(total=cfg.max_iters, initial=start_step, disable=not (master and sys.stdout.isatty()))
     t_start = t_log = time.time()
     steps_since_log = 0
@@ -518,11 +610,12 @@ def train(cfg, rank, world, device):
         if last:
             break
 
-        # the schedules: lr for both optimizers, Muon's momentum warm-up and weight decay
+        # the schedules: lr for both optimizers (AdamW's scaled to its own peak), Muon's momentum
+        # warm-up and weight decay
         lr = lr_at(step, cfg)
-        for opt in optimizers:
+        for opt, scale in zip(optimizers, (1.0, adamw_scale)):
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * scale
         for group in muon.param_groups:
             group["momentum"] = 0.85 + 0.10 * min(1.0, step / cfg.momentum_warmup_iters)
             group["weight_decay"] = cfg.weight_decay * (1 - step / cfg.max_iters)

@@ -59,7 +59,8 @@ def main(argv=None):
     p.add_argument("--loops", nargs="+", type=int, help="test-time depths (default: the preset's)")
     p.add_argument("--batches", type=int, help="validation batches per depth (default: the preset's)")
     p.add_argument("--init_from", help="a pretrained model instead: a Hugging Face repo such as "
-                                       "SandyResearch/parcae-140m, or a folder holding its files (hub.py)")
+                                       "SandyResearch/parcae-140m (@REVISION pins one), or a folder holding "
+                                       "its files (hub.py)")
     p.add_argument("--adaptive", action="store_true", help="measure per-token exit and the shared cache instead")
     p.add_argument("--cap", type=int, help="--adaptive: the most loops a token may run (default 2·μ_rec)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002],

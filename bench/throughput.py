@@ -13,12 +13,24 @@ that skipping finished sequences can gain (`--flops_ratio_only` prints just the 
 machine); the peak memory at mean_loops 8 and 32 with backprop_loops 4; and generation with
 the KV cache at 1, 8 and 16 loops as sample.py decodes (bf16 linear weights, each step replayed
 as a CUDA graph), with and without compiling the blocks (sample.py --compile), and at 16 loops
-also launched op by op, and compiled with the fp32 weights. --profile adds a torch.profiler
+also launched op by op, and compiled with the fp32 weights; each decoding figure also as a share
+of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just read what a
+decoding step must (decode_bytes). --profile adds a torch.profiler
 table per model (its most expensive kernels, and how much of the step the GPU was busy, from
 the profiler's trace), and two of decoding at 16 loops, with and without compiling.
 `--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
 the layout sample.bf16_weights chooses; `--cache_modes_only` just decoding with the full and the
 shared KV cache (sample.py --kv_cache).
+
+`--large_only` times just training of the 770m and 1.3b configs as each of 8 GPUs runs their recipe:
+the config's micro-batch, grad_accum_steps / 8 micro-steps per optimizer step, under DDP (here one
+process, so that its gradient buckets count in the memory), with the config's activation
+checkpointing, and also without it where the config has it on. A run that does not fit is recorded
+as out of memory. It reports peak memory (allocated and reserved) and tokens/s, and how long the
+config's whole run would take on 8 GPUs at 8 times that rate:
+
+    python bench/throughput.py --large_only --models gpt_770m parcae_770m --out bench/results/throughput_770m
+    python bench/throughput.py --large_only --models gpt_1.3b parcae_1.3b --out bench/results/throughput_1.3b
 
 `--small` times the small models of the scaling sweep instead (bench/results/throughput_small):
     python bench/throughput.py --small
@@ -34,10 +46,12 @@ model.flops_per_token(loops=T) (work on a sequence that has left the loop would 
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -101,22 +115,27 @@ def build(name, vocab_size, cls=GPT, device="cuda", **overrides):
     return model, settings
 
 
-def time_training(model, batch_size, accum, steps, warmup, profile_to=None):
+def time_training(model, batch_size, accum, steps, warmup, profile_to=None, activation_checkpoint=False, ddp=False):
     """Mean wall time of a training step (`accum` micro-batches, then the optimizers) over `steps`
     steps after `warmup`, synced. With profile_to, also a torch.profiler table of 2 more steps'
-    most expensive GPU kernels, and how busy the GPU was, written to that file."""
+    most expensive GPU kernels, and how busy the GPU was, written to that file. activation_checkpoint
+    and ddp (the one-process group that main starts) as train.py has them."""
     c = model.config
+    if activation_checkpoint:
+        train.checkpoint_blocks(model)
     train.compile_model(model)        # as train.py does
     optimizers = train.configure_optimizers(model, lr=1e-3, weight_decay=0.2, device_type="cuda")
+    forward = train.wrap_ddp(model, torch.device("cuda", torch.cuda.current_device())) if ddp else model
     torch.manual_seed(0)
     data = torch.randint(0, c.vocab_size, (accum, batch_size, c.block_size + 1), device="cuda")
 
     def step():
         for micro in range(accum):
             x, y = data[micro, :, :-1], data[micro, :, 1:]
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = model(x, y)
-            (loss / accum).backward()
+            with forward.no_sync() if ddp and micro < accum - 1 else nullcontext():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss = forward(x, y)
+                (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:
             opt.step()
@@ -137,7 +156,8 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None):
     result = {"params": model.num_params(), "batch_size": batch_size, "accum": accum, "seq_len": c.block_size,
               "step_ms": 1000 * dt, "tokens_per_sec": tokens_per_sec,
               "mfu": train.estimate_mfu(model, tokens_per_sec), "flops_per_token": model.flops_per_token(),
-              "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+              "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
     if profile_to:
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
@@ -337,11 +357,11 @@ def kernel_family(name):
 
 
 def time_weight_layouts(d, batch_size=1, calls=400):
-    """µs per bf16 matmul of batch_size tokens by each weight shape of a block (d×d, 4d×d, d×4d), stored
+    """µs per bf16 matmul of batch_size tokens by each weight shape of a block (d×d, 3d×d, 4d×d, d×4d), stored
     row-major (as nn.Linear keeps it) and column-major (as sample.bf16_weights stores it), each as
     `calls` matmuls recorded in one CUDA graph and replayed, as decoding replays them."""
     results = []
-    for out_features, in_features in ((d, d), (4 * d, d), (d, 4 * d)):
+    for out_features, in_features in ((d, d), (3 * d, d), (4 * d, d), (d, 4 * d)):
         x = torch.randn(batch_size, in_features, device="cuda", dtype=torch.bfloat16)
         row_major = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
         r = {"weight": f"{out_features}x{in_features}", "batch_size": batch_size}
@@ -361,6 +381,37 @@ def time_weight_layouts(d, batch_size=1, calls=400):
     return results
 
 
+# memory bandwidth (bytes/s) from the vendors' datasheets, matched to the GPU's name as train.peak_flops matches
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "B200": 8.0e12,
+                  "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "L40S": 0.864e12, "L4": 0.3e12,
+                  "RTX 4090": 1.008e12}
+
+
+def peak_bandwidth(name):
+    matches = [gpu for gpu in PEAK_BANDWIDTH if re.search(rf"\b{gpu}\b", name)]
+    return PEAK_BANDWIDTH[max(matches, key=len)] if matches else None
+
+
+def decode_bytes(model, loops, batch_size, positions):
+    """
+    The bytes a decoding step must read from memory, at the least: the bf16 matrices of every layer
+    application (attention, MLP, value-embedding gate: a core block's once per loop), the injection's
+    at every iteration and C once, the tied head; and for each sequence the bf16 keys and values of the
+    `positions` it attends to, in every layer application. Left out, as a few kB: the norms' weights,
+    A_log and dt_bias, and the embedding rows looked up.
+    """
+    c = model.config
+    matrices = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    loops = loops if c.looped else 1
+    weights = sum(map(matrices, [*model.prelude, *model.coda])) + loops * sum(map(matrices, model.core))
+    if c.looped:
+        weights += loops * matrices(model.injection) + matrices(model.C)
+    weights += c.padded_vocab_size * c.n_embd                   # the head
+    applications = c.n_prelude + loops * c.n_core + c.n_coda
+    kv = batch_size * applications * 2 * positions * c.n_embd   # keys and values
+    return 2 * (weights + kv)
+
+
 def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256, shared_cache=False):
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device="cuda")
@@ -376,9 +427,14 @@ def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, n
     c = model.config
     slots = c.n_prelude + (1 if shared_cache else loops) * c.n_core + c.n_coda
     cache_bytes = 2 * slots * batch_size * c.n_embd * c.block_size * 2      # k and v, bf16, the whole window
+    # the decoding steps attend to prompt_len + 1, ..., prompt_len + new_tokens - 1 positions
+    step_bytes = decode_bytes(model, loops, batch_size, positions=prompt_len + new_tokens / 2)
+    bandwidth = peak_bandwidth(torch.cuda.get_device_name())
     return {"loops": loops, "batch_size": batch_size, "cuda_graph": cuda_graph,
             "kv_cache": "shared" if shared_cache else "full",
             "new_tokens_per_sec": batch_size * new_tokens / dt, "ms_per_token": 1000 * dt / new_tokens,
+            "step_gb": step_bytes / 1e9, "bound_tokens_per_sec": None if bandwidth is None else
+            batch_size * bandwidth / step_bytes,
             "kv_cache_gb": cache_bytes / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
             "extra_mem_gb": (torch.cuda.max_memory_allocated() - base) / 1e9}
 
@@ -424,6 +480,9 @@ def main():
                         "bench/results/throughput_cache)")
     parser.add_argument("--layouts_only", action="store_true", help="only time one token's matmuls by row-major "
                         "and column-major bf16 weights (default --out: bench/results/throughput_layouts)")
+    parser.add_argument("--large_only", action="store_true", help="only time training of the 770m and 1.3b "
+                        "configs as each of 8 GPUs runs their recipe, under one-process DDP (see above; default "
+                        "--models: gpt_770m parcae_770m gpt_1.3b parcae_1.3b, --out: bench/results/throughput_large)")
     parser.add_argument("--flops_ratio_only", action="store_true", help="only print, for each Parcae model, the "
                         "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
     parser.add_argument("--small", action="store_true", help="only time the scaling sweep's small models in steady "
@@ -431,9 +490,11 @@ def main():
     parser.add_argument("--out", help="the results' path without .json / .md (default: bench/results/throughput)")
     args = parser.parse_args()
     default = ("throughput_layouts" if args.layouts_only else "throughput_cache" if args.cache_modes_only
-               else "throughput_small" if args.small else "throughput")
+               else "throughput_large" if args.large_only else "throughput_small" if args.small else "throughput")
     args.out = args.out or os.path.join(ROOT, "bench", "results", default)
     args.steps = args.steps or (400 if args.small else 8)
+    if args.large_only and parser.get_default("models") == args.models:
+        args.models = LARGE
     if args.flops_ratio_only:
         for name in [m for m in args.models if m.startswith("parcae")]:
             model, settings = build(name, args.vocab_size, device="cpu")
@@ -477,6 +538,12 @@ def main():
         with open(args.out + ".md", "w") as f:
             f.write(markdown(results))
 
+    if args.large_only:
+        results["large"] = {}
+        time_large(args, results["large"], save)
+        print(markdown(results))
+        return
+
     # the most important measurements first
     if not args.skip_training and not args.layouts_only and not args.cache_modes_only:
         for size in [m.split("_")[-1] for m in args.models if m.startswith("parcae")]:
@@ -499,7 +566,8 @@ def main():
         save()
         print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
               f"{', compiled' if compiled else ''}, {g['weights']} weights, {g['kv_cache']} cache: "
-              f"{g['new_tokens_per_sec']:8.1f} tok/s  cache {g['kv_cache_gb']:.2f} GB  peak {g['peak_mem_gb']:.1f} GB",
+              f"{g['new_tokens_per_sec']:8.1f} tok/s ({share(g)} of the bound)  cache {g['kv_cache_gb']:.2f} GB  "
+              f"peak {g['peak_mem_gb']:.1f} GB",
               flush=True)
 
     if args.cache_modes_only:
@@ -539,6 +607,54 @@ def main():
     print(markdown(results))
 
 
+def share(g):
+    """A decoding figure's share of its bandwidth bound, as text ("–" where the GPU's bandwidth is unknown)."""
+    bound = g.get("bound_tokens_per_sec")
+    return f"{100 * g['new_tokens_per_sec'] / bound:.0f} %" if bound else "–"
+
+
+LARGE = ["gpt_770m", "parcae_770m", "gpt_1.3b", "parcae_1.3b"]
+GPUS = 8        # of the configs' recipe
+
+
+def time_large(args, large, save):
+    """--large_only: each config at its per-GPU share of the 8-GPU recipe, under one-process DDP, with its
+    activation checkpointing and, where it has it on, without; into `large`, by label."""
+    with socket.socket() as s:          # a free port for the one-process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        for name in args.models:
+            settings = train.parse_settings([os.path.join(ROOT, "config", name + ".py")])
+            for checkpointing in dict.fromkeys([settings["activation_checkpoint"], False]):
+                label = name + ("" if checkpointing == settings["activation_checkpoint"] else
+                                " activation_checkpoint=False")
+                accum = settings["grad_accum_steps"] // GPUS
+                r = {"batch_size": settings["batch_size"], "accum": accum, "activation_checkpoint": checkpointing,
+                     "run_tokens": settings["max_iters"] * settings["batch_size"] * settings["grad_accum_steps"]
+                     * settings["block_size"]}
+                try:
+                    model, _ = build(name, args.vocab_size)
+                    r.update(time_training(model, settings["batch_size"], accum, args.steps, args.warmup,
+                                           activation_checkpoint=checkpointing, ddp=True))
+                except torch.cuda.OutOfMemoryError:
+                    r["out_of_memory"] = True
+                    r["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+                model = None
+                gc.collect()
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                large[label] = r
+                save()
+                print(f"{label:36s} " + ("out of memory" if r.get("out_of_memory") else
+                      f"{r['tokens_per_sec'] / 1e3:8.1f}k tok/s  {r['step_ms']:8.1f} ms/step  peak "
+                      f"{r['peak_mem_gb']:.1f} GB ({r['peak_reserved_gb']:.1f} reserved)"), flush=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def markdown(results):
     machine = (f"one {results['gpu']} (torch {results['torch']}, CUDA {results['cuda']}, "
                f"commit {results.get('commit')})")
@@ -569,15 +685,41 @@ def markdown(results):
     if results["generation"]:
         lines += ["" if lines else f"On {machine}.",
                   "", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
-                      "(KV cache: its size for the model's whole window of block_size tokens):", "",
-                  "| loops | batch | decoding | weights | new tokens/s | ms/token | KV cache (GB) | peak memory (GB) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                      "(KV cache: its size for the model's whole window of block_size tokens). Of the bound: "
+                      "the tokens/s over the most the GPU's memory bandwidth (its datasheet's) allows, if a "
+                      "step only read what it must: the bf16 weights of every layer application, the head, "
+                      "and the keys and values of the positions attended (decode_bytes; read per step):", "",
+                  "| loops | batch | decoding | weights | new tokens/s | of the bound | read per step (GB) | "
+                  "ms/token | KV cache (GB) | peak memory (GB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
             mode += ", shared cache" if g.get("kv_cache") == "shared" else ""
+            read = f"{g['step_gb']:.2f}" if "step_gb" in g else "–"
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
-                         f"{g['new_tokens_per_sec']:,.0f} | "
+                         f"{g['new_tokens_per_sec']:,.0f} | {share(g)} | {read} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
+    if results.get("large"):
+        lines += ["" if lines else f"On {machine}.", "",
+                  f"Training as each of {GPUS} GPUs runs the configs' recipe: the config's micro-batch, "
+                  f"grad_accum_steps / {GPUS} micro-steps and one optimizer step, under DDP (one process: its "
+                  f"gradient buckets count in the memory), bf16, compiled, random tokens; mean of "
+                  f"{results['steps']} steps after {results['warmup']} warm-up steps. A run: the config's "
+                  f"max_iters at {GPUS} × this rate, no scaling loss counted.", "",
+                  "| config | params | micro-batch × steps | activation checkpointing | tokens/s | step (ms) | MFU | "
+                  "peak memory (GB) | peak reserved (GB) | a run on 8 GPUs |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for label, r in results["large"].items():
+            shape = f"{r['batch_size']}×2048 × {r['accum']}"
+            ac = "yes" if r["activation_checkpoint"] else "no"
+            if r.get("out_of_memory"):
+                lines.append(f"| {label} | | {shape} | {ac} | out of memory | | | | {r['peak_reserved_gb']:.1f} | |")
+                continue
+            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] else "n/a"
+            days = r["run_tokens"] / (GPUS * r["tokens_per_sec"]) / 86400
+            lines.append(f"| {label} | {r['params'] / 1e6:.1f}M | {shape} | {ac} | {r['tokens_per_sec']:,.0f} | "
+                         f"{r['step_ms']:.0f} | {mfu} | {r['peak_mem_gb']:.1f} | {r['peak_reserved_gb']:.1f} | "
+                         f"{days:.1f} days |")
     if results.get("weight_layouts"):
         lines += ["" if lines else f"On {machine}.", "",
                   "A matmul by a bf16 weight of parcae_350m's blocks, as decoding runs it "

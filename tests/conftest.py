@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)    # so that tests import train, sample, model, prepare from the repo
 from model import GPT, GPTConfig  # noqa: E402
+from fake_hub import fake_hub  # noqa: E402,F401  (a fixture: a fake Hugging Face Hub)
 
 # a few hundred thousand parameters less than the demo: each step takes milliseconds
 TINY = dict(n_embd=32, n_head=2, n_prelude=1, n_core=1, n_coda=1, block_size=32, batch_size=8,

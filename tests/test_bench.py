@@ -15,6 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import before_after  # noqa: E402
 import common  # noqa: E402
 import ddp  # noqa: E402
 import loops  # noqa: E402
@@ -315,6 +316,67 @@ def test_the_masked_loops_flops_ratio_is_one_for_fixed_depths_and_grows_with_the
     assert 1.0 < small < large
     # one sequence per micro-batch: nothing to skip (the same sum over and under the fraction)
     assert throughput.masked_loop_flops_ratio(model, 1, draws=20) == 1.0
+
+
+@pytest.mark.parametrize("name", ["parcae_350m", "gpt_350m"])
+def test_a_decoding_step_reads_each_layer_applications_weights_the_head_and_the_attended_cache(name):
+    """decode_bytes against the 350m models' arithmetic, written out: d 1024, 4/4/4 layers (a core block's
+    weights are read once per loop), 8 heads, GPT-2's vocabulary padded to 50,304. A block's matrices are
+    12d² (q, k, v, c_proj: 4d²; fc, proj: 8d²), and every other layer has a value-embedding gate of 32 × 8,
+    so every other layer application reads one; Parcae's injection reads B (d × d) at every iteration and
+    C once. Each sequence reads the keys and values (2 × d) of each attended position in every application.
+    All in bf16, 2 bytes each."""
+    model, _ = throughput.build(name, 50257, device="meta")
+    d, V, T, B, positions = 1024, 50304, 16, 8, 256
+    looped = name == "parcae_350m"
+    applications = 4 + (T if looped else 1) * 4 + 4         # 72 for Parcae, 12 for the Transformer
+    weights = applications * 12 * d * d + applications // 2 * 32 * 8 + V * d + (T + 1) * d * d * looped
+    keys_and_values = B * applications * 2 * positions * d
+    assert throughput.decode_bytes(model, T, B, positions) == 2 * (weights + keys_and_values)
+    # Parcae at batch 1: 1.95 GB of weights, 76 MB of cache, so at most about 2,370 tokens/s on an H200
+    if looped:
+        assert throughput.decode_bytes(model, T, 1, positions) == pytest.approx(2.025e9, rel=1e-3)
+    assert throughput.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert throughput.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12 and throughput.peak_bandwidth("NVIDIA L4") == 0.3e12
+    assert throughput.peak_bandwidth("NVIDIA A100-SXM4-40GB") is None     # not in the table: no bound
+
+
+def test_the_before_after_table_gives_each_models_ratio_and_a_missing_copy_is_refused(tmp_path, monkeypatch):
+    run = lambda tokens_per_sec, ms: {"tokens_per_sec": tokens_per_sec, "step_ms": ms, "peak_mem_gb": 51.4}
+    results = {"environment": {"device": "NVIDIA H200", "gpus": 1, "torch": "2.11", "commit": "abc1234"},
+               "command": "python bench/before_after.py --before .before --before_commit 78bbaf7",
+               "before_commit": "78bbaf7", "steps": 8, "warmup": 4, "accum": 2,
+               "training": {"parcae_350m": {"before": run(128_000, 512), "after": run(134_400, 488)},
+                            "gpt_350m": {"before": run(297_640, 220)}}}      # (cut short: no after yet)
+    text = before_after.markdown(results)
+    assert "| parcae_350m | 128,000 | 134,400 | 1.050 | 512 → 488 | 51.4 → 51.4 |" in text
+    assert "gpt_350m" not in text and "commit abc1234" in text
+    monkeypatch.setattr(sys, "argv", ["before_after.py", "--before", str(tmp_path), "--before_commit", "x"])
+    with pytest.raises(SystemExit, match="holds no bench/throughput.py: make it with git archive"):
+        before_after.main()
+    # each side is timed by its own files: a stand-in throughput.py in the copy is the one that runs
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "throughput.py").write_text(
+        "def build(name, vocab_size):\n    return name, {'batch_size': 3}\n"
+        "def time_training(model, batch_size, accum, steps, warmup):\n"
+        "    return {'model': model, 'args': [batch_size, accum, steps, warmup], 'file': __file__}\n")
+    r = before_after.time_in(str(tmp_path), "gpt_350m", steps=8, warmup=4, accum=2)
+    assert r == {"model": "gpt_350m", "args": [3, 2, 8, 4], "file": str(tmp_path / "bench" / "throughput.py")}
+
+
+def test_the_large_configs_table_gives_a_runs_time_at_8_gpus_and_says_what_did_not_fit():
+    """bench/throughput.py --large_only's markdown, on made-up numbers (the measurement needs a GPU)."""
+    row = {"batch_size": 8, "accum": 4, "run_tokens": 8 * 86_400 * 10_000}
+    results = {"gpu": "H200", "torch": "2.11", "cuda": "12.8", "commit": "x", "steps": 4, "warmup": 3,
+               "training": {}, "generation": [],
+               "large": {"parcae_1.3b": {**row, "activation_checkpoint": True, "params": 1.69e9,
+                                         "tokens_per_sec": 10_000, "step_ms": 6554, "mfu": 0.3, "peak_mem_gb": 60.0,
+                                         "peak_reserved_gb": 64.0},
+                         "parcae_1.3b activation_checkpoint=False": {**row, "activation_checkpoint": False,
+                                                                     "out_of_memory": True, "peak_reserved_gb": 140.0}}}
+    table = throughput.markdown(results)
+    assert "| parcae_1.3b | 1690.0M | 8×2048 × 4 | yes | 10,000 | 6554 | 30.0 % | 60.0 | 64.0 | 1.0 days |" in table
+    assert "| parcae_1.3b activation_checkpoint=False | | 8×2048 × 4 | no | out of memory | | | | 140.0 | |" in table
 
 
 def test_a_steps_useful_flops_count_each_sequence_at_its_own_depth():

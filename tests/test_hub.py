@@ -2,20 +2,23 @@
 hub.py against a fake Hugging Face Hub on 127.0.0.1 (no test touches the network): one of our tiny models,
 written out under the release's names with a config.json in its format, comes back computing the same logits;
 a tokenizer.json trained here by `tokenizers` with the authors' recipe tokenizes as its tiktoken conversion
-does; downloads resume, refuse corrupt files and names that leave the cache; and sample.py, train.py and
-bench/loops.py take --init_from. tests/official/ holds config.json as the release's save_pretrained writes it
-for its 140m models.
+does; files come through huggingface_hub (tests/fake_hub.py serves what it asks): revisions pin commits, a
+dropped connection resumes, a corrupt file is refused, the cache serves a second load and offline mode, and
+each failure is one line; tokenizers are named so that data and checkpoints work on another machine; and
+sample.py, train.py and bench/loops.py take --init_from. tests/official/ holds config.json as the release's
+save_pretrained writes it for its 140m models.
 """
 import hashlib
-import http.server
 import json
 import os
+import shutil
+import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 import hub
@@ -23,6 +26,7 @@ import prepare
 import sample
 import train
 from conftest import ROOT, tiny, tokens
+from fake_hub import git_hash
 from model import GPT, GPTConfig
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -66,8 +70,14 @@ def official_weights(model):
              "prelude_norm.weight": "transformer.ln_prelude.weight", "C.weight": "transformer.C.weight",
              "injection.A_log": "transformer.adapter.A_log", "injection.dt_bias": "transformer.adapter.dt_bias",
              "injection.B.weight": "transformer.adapter.B", "injection.W.weight": "transformer.adapter.adapter.weight"}
-    weights = {}
+    ours = {}
     for name, w in model.state_dict().items():
+        if name.endswith(".attn.c_attn.weight"):     # the release keeps q, k and v as three matrices
+            ours.update({name.replace("c_attn", part): t for part, t in zip(("c_q", "c_k", "c_v"), w.chunk(3))})
+        else:
+            ours[name] = w
+    weights = {}
+    for name, w in ours.items():
         group, *rest = name.split(".")
         if group in offset:
             i, rest = int(rest[0]), ".".join(rest[1:])
@@ -79,120 +89,25 @@ def official_weights(model):
             key = names[name]
         weights[key] = w.clone()
     weights["lm_head.weight"] = model.wte.weight.detach().clone()
-    weights["freqs_cis"] = torch.stack([model.cos, model.sin], dim=-1)[None, :, None]
+    weights["freqs_cis"] = torch.stack([model.cos[:, 1::2], model.sin[:, 1::2]], dim=-1)[None, :, None]   # one per pair
     return weights
 
 
-def safetensors_bytes(tensors):
-    """The safetensors format, written by hand: header length (8 bytes, little-endian), JSON header, data."""
-    header, data = {}, b""
-    for name, t in tensors.items():
-        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
-        dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[t.dtype]
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    text = json.dumps(header).encode()
-    return len(text).to_bytes(8, "little") + text + data
-
-
 def weights_file(weights, filename, tmp_path):
-    if filename.endswith(".safetensors"):
-        return safetensors_bytes({k: v for k, v in weights.items() if k != "lm_head.weight"})   # shared: left out
+    if filename.endswith(".safetensors"):      # (lm_head.weight is wte's tensor: safetensors keeps one of the two)
+        return safetensors.torch.save({k: v.contiguous() for k, v in weights.items() if k != "lm_head.weight"})
     torch.save(weights, tmp_path / filename)
     return (tmp_path / filename).read_bytes()
 
 
-# -----------------------------------------------------------------------------
-# a fake Hub
+def add_model(fake_hub, model, tmp_path, weights="model.safetensors", repo=None, **config_changes):
+    """A commit of one of our models to a repo of the fake Hub (MODEL), as the release's files; its hash."""
+    return fake_hub.commit(repo or MODEL, {"config.json": json.dumps(official_config(model, **config_changes)).encode(),
+                                           weights: weights_file(official_weights(model), weights, tmp_path)})
 
 
-class FakeHub:
-    """
-    Serves {"owner/name/file": bytes} as the Hub does: HEAD or GET .../resolve/main/<file> answers a small
-    file itself (with a git hash as ETag), and redirects a weights file to storage elsewhere (here
-    localhost instead of 127.0.0.1), giving its size and sha256 on the redirect (X-Linked-Size,
-    X-Linked-Etag). Storage honours Range. `cut` serves a file's first n bytes once, then closes;
-    `corrupt` serves other bytes than the sha256 says; a `private` repo answers 401. `requests` logs
-    (method, path, headers).
-    """
-
-    def __init__(self):
-        self.files, self.cut, self.corrupt, self.private, self.requests = {}, {}, set(), set(), []
-        hub_ = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_HEAD(self):
-                self.answer(body=False)
-
-            def do_GET(self):
-                self.answer(body=True)
-
-            def answer(self, body):
-                hub_.requests.append((self.command, self.path, dict(self.headers)))
-                if self.path.startswith("/storage/"):
-                    return self.storage(self.path.removeprefix("/storage/"), body)
-                repo, _, file = self.path.lstrip("/").partition("/resolve/main/")
-                key = f"{repo}/{file}"
-                if repo in hub_.private:
-                    return self.reply(401, {}, b"Invalid credentials")
-                if key not in hub_.files:
-                    return self.reply(404, {}, b"Entry not found")
-                data = hub_.files[key]
-                if file in hub.WEIGHTS:
-                    sha = hashlib.sha256(data).hexdigest()
-                    return self.reply(302, {"Location": f"http://localhost:{hub_.port}/storage/{key}",
-                                            "X-Linked-Size": str(len(data)), "X-Linked-Etag": f'"{sha}"'}, b"")
-                etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-                self.reply(200, {"ETag": f'"{etag}"', "Content-Length": str(len(data))}, data if body else b"")
-
-            def storage(self, key, body):
-                data = hub_.files[key]
-                if key in hub_.corrupt:
-                    data = data[::-1]
-                start = int(self.headers.get("Range", "bytes=0-")[6:-1] or 0)
-                status = 206 if start else 200
-                headers = {"Content-Length": str(len(data) - start)}
-                if start:
-                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-                if key in hub_.cut:                 # the connection drops early
-                    data = data[:hub_.cut.pop(key)]
-                self.reply(status, headers, data[start:] if body else b"")
-
-            def reply(self, status, headers, data):
-                self.send_response(status)
-                headers.setdefault("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def add_model(self, repo, model, tmp_path, weights="model.safetensors", **config_changes):
-        self.files[f"{repo}/config.json"] = json.dumps(official_config(model, **config_changes)).encode()
-        self.files[f"{repo}/{weights}"] = weights_file(official_weights(model), weights, tmp_path)
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """A fake Hub as HF_ENDPOINT, and an empty cache as HF_HOME."""
-    server = FakeHub()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.port}")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    hub.load_encoding.cache_clear()     # tokenizers are cached by name: each test has its own Hub
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
-
-
-def cached(name):
-    return Path(hub.cache_root(), *name.split("/"))
+def equal_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
 # -----------------------------------------------------------------------------
@@ -203,9 +118,11 @@ def cached(name):
                                                 ("add", "model.pt"), ("none", "model.safetensors")])
 def test_a_downloaded_model_gives_the_original_logits_at_1_4_and_16_loops(fake_hub, tmp_path, injection, weights):
     original = tiny(injection, prelude_norm=injection == "parcae").eval()
-    fake_hub.add_model(MODEL, original, tmp_path, weights)
-    with open(hub.find_file(MODEL, ("config.json",))) as f:
-        converted = hub.official_to_gpt(json.load(f), hub.read_weights(hub.find_file(MODEL, hub.WEIGHTS))).eval()
+    add_model(fake_hub, original, tmp_path, weights)
+    config, weights_path, _ = hub.model_files(MODEL)
+    assert Path(weights_path).name == weights
+    with open(config) as f:
+        converted = hub.official_to_gpt(json.load(f), hub.read_weights(weights_path)).eval()
     if original.config.looped:      # (the Transformer comes back as one group of 4 blocks: the same function)
         assert converted.config == original.config
     x = tokens(B=2, L=20)[:, :-1]
@@ -225,7 +142,7 @@ def test_bf16_weights_convert_to_fp32_and_a_torch_compiled_state_dict_too():
                for k, v in official_weights(model).items()}
     converted = hub.official_to_gpt(official_config(model), weights)
     assert converted.wte.weight.dtype == torch.float32
-    assert torch.equal(converted.core[0].attn.c_q.weight, model.core[0].attn.c_q.weight.bfloat16().float())
+    assert torch.equal(converted.core[0].attn.c_attn.weight, model.core[0].attn.c_attn.weight.bfloat16().float())
 
 
 def test_the_140m_release_names_every_weight_of_ours():
@@ -242,7 +159,9 @@ def test_the_140m_release_names_every_weight_of_ours():
             "transformer.prelude.1.attn.ve_gate.weight", "transformer.core_block.1.attn.ve_gate.weight",
             "transformer.coda.1.attn.ve_gate.weight"}
     want |= {f"transformer.{g}.{i}.{w}" for g in ("prelude", "core_block", "coda") for i in (0, 1) for w in block}
-    assert {hub.official_name(k, c) for k in ours} == want
+    assert {key for k in ours for key in hub.official_names(k, c)} == want
+    assert hub.official_names("core.1.attn.c_attn.weight", c) == [       # c_attn's rows: q, then k, then v
+        f"transformer.core_block.1.attn.{w}.weight" for w in ("c_q", "c_k", "c_v")]
     assert (c.n_embd, c.n_head, c.n_prelude, c.n_core, c.n_coda, c.vocab_size, c.mean_loops, c.backprop_loops,
             c.injection, c.init_state) == (768, 6, 2, 2, 2, 32768, 8, 4, "parcae", "normal")
 
@@ -253,17 +172,20 @@ def test_the_rope_table_is_the_releases_formula_bit_for_bit():
     from model import rotary_tables
     cos, sin = rotary_tables(128, 2048)
     angles = torch.outer(torch.arange(2048.0), 1.0 / (50000 ** (torch.arange(0, 128, 2).float() / 128)))
-    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
+    for channel in (0, 1):      # both channels of a pair: its angle's cos, and its sin, negated on the first
+        assert torch.equal(cos[:, channel::2], angles.cos())
+        assert torch.equal(sin[:, channel::2], (2 * channel - 1) * angles.sin())
 
 
-def test_safetensors_of_mixed_dtypes_read_back_exactly(tmp_path):
+def test_safetensors_of_mixed_dtypes_read_back_exactly_and_a_damaged_file_is_one_line(tmp_path):
     tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7), "c": torch.randn(2, 3).half()}
-    (tmp_path / "w.safetensors").write_bytes(safetensors_bytes(tensors))     # b starts at an odd byte
-    back = hub.read_safetensors(str(tmp_path / "w.safetensors"))
+    safetensors.torch.save_file(tensors, tmp_path / "w.safetensors")
+    back = hub.read_weights(str(tmp_path / "w.safetensors"))
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
-    (tmp_path / "bad.safetensors").write_bytes(safetensors_bytes(tensors)[:-4])
-    with pytest.raises(SystemExit, match="bad.safetensors is not a safetensors file we can read"):
-        hub.read_safetensors(str(tmp_path / "bad.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:-4])
+    with pytest.raises(SystemExit, match="bad.safetensors is not a safetensors file we can read") as e:
+        hub.read_weights(str(tmp_path / "bad.safetensors"))
+    assert "\n" not in str(e.value)
 
 
 # -----------------------------------------------------------------------------
@@ -307,94 +229,173 @@ def test_weights_that_do_not_fit_are_refused_naming_the_weight():
 
 
 def test_sample_py_says_what_it_cannot_convert_in_one_line(fake_hub, tmp_path):
-    fake_hub.add_model(MODEL, tiny("parcae"), tmp_path, logit_softcap=30.0)
+    add_model(fake_hub, tiny("parcae"), tmp_path, logit_softcap=30.0)
     with pytest.raises(SystemExit, match=f"^{MODEL}: cannot convert config.json: logit_softcap=30.0") as e:
         sample.main([f"--init_from={MODEL}"])
     assert "\n" not in str(e.value)
 
 
 # -----------------------------------------------------------------------------
-# (3) downloads: resumed, checked, cached, and only where they should go
+# (3) through huggingface_hub: revisions, the shared cache, resumed and checked downloads, offline mode,
+# tokens, and one line for each thing that can go wrong
 
 
-def test_an_interrupted_download_resumes_where_it_stopped(fake_hub, tmp_path):
-    fake_hub.add_model(MODEL, tiny("parcae"), tmp_path)
-    size = len(fake_hub.files[f"{MODEL}/model.safetensors"])
-    fake_hub.cut[f"{MODEL}/model.safetensors"] = size // 3
-    with pytest.raises(SystemExit, match=f"stopped at {size // 3:,} of {size:,} bytes.*run the same command again"):
-        hub.find_file(MODEL, hub.WEIGHTS)
-    part = cached(MODEL) / "model.safetensors.part"
-    assert part.stat().st_size == size // 3 and not (cached(MODEL) / "model.safetensors").exists()
-    path = hub.find_file(MODEL, hub.WEIGHTS)
-    assert Path(path).read_bytes() == fake_hub.files[f"{MODEL}/model.safetensors"] and not part.exists()
-    gets = [h for method, p, h in fake_hub.requests if method == "GET" and p.startswith("/storage/")]
-    assert "Range" not in gets[0] and gets[1]["Range"] == f"bytes={size // 3}-"
+@pytest.fixture
+def sleeps(monkeypatch):
+    """huggingface_hub waits before it tries a request again: here it only records how long."""
+    import time
+    waited = []
+    monkeypatch.setattr(time, "sleep", waited.append)
+    return waited
 
 
-def test_a_corrupt_download_is_refused_and_not_kept(fake_hub, tmp_path):
-    fake_hub.add_model(MODEL, tiny("parcae"), tmp_path)
-    fake_hub.corrupt.add(f"{MODEL}/model.safetensors")
-    with pytest.raises(SystemExit, match="arrived corrupt .*sha256.*deleted it: run the same command again"):
-        hub.find_file(MODEL, hub.WEIGHTS)
-    assert list(cached(MODEL).iterdir()) == []
-    # so is a left-over partial file that was not the start of this one: the next run starts afresh
+def cache_folder(tmp_path, repo=MODEL):
+    """Where huggingface_hub keeps a model repo in the fake_hub fixture's cache."""
+    return tmp_path / "hf_home" / "hub" / ("models--" + repo.replace("/", "--"))
+
+
+def test_a_revision_pins_a_commit_and_a_models_files_come_from_one_commit(fake_hub, tmp_path, hf_tokenizer):
+    first, second = (tiny(injection, vocab_size=hf_tokenizer.n_vocab) for injection in ("parcae", "linear"))
+    old = add_model(fake_hub, first, tmp_path)
+    new = add_model(fake_hub, second, tmp_path)                # main moves on
+    pinned, _ = hub.load_pretrained(f"{MODEL}@{old}")
+    latest, meta = hub.load_pretrained(MODEL)
+    assert pinned.config == first.config and equal_weights(pinned, first)
+    assert latest.config == second.config and equal_weights(latest, second)
+    # main is asked for once, for config.json; the weights come from the commit it was at
+    asked = [path for method, path, _ in fake_hub.requests if method == "HEAD" and path.startswith(f"/{MODEL}/")]
+    assert asked == [f"/{MODEL}/resolve/{old}/config.json", f"/{MODEL}/resolve/{old}/model.safetensors",
+                     f"/{MODEL}/resolve/main/config.json", f"/{MODEL}/resolve/{new}/model.safetensors"]
+    # and the tokenizer is named by the commit it came from
+    assert meta["tokenizer"] == f"{TOKENIZER}@{fake_hub.repos[TOKENIZER][-1][0]}"
+
+
+def test_a_dropped_connection_resumes_where_it_stopped(fake_hub, tmp_path, sleeps, monkeypatch):
+    import huggingface_hub.constants
+    # huggingface_hub writes what arrives in chunks of 10 MB, and resumes after the last whole one: here
+    # the chunks are smaller than this small file
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 14)
+    add_model(fake_hub, tiny("parcae"), tmp_path)
+    data = fake_hub.repos[MODEL][-1][1]["model.safetensors"]
+    fake_hub.cut["model.safetensors"] = 5 << 14
+    _, weights, _ = hub.model_files(MODEL)
+    assert Path(weights).read_bytes() == data
+    ranges = [h.get("range") for method, path, h in fake_hub.requests
+              if method == "GET" and path.startswith("/storage/")]
+    assert ranges == [None, f"bytes={5 << 14}-"]      # the second request asks for the rest only
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+def test_a_corrupt_file_is_refused_deleted_and_fetched_again(fake_hub, tmp_path, file):
+    add_model(fake_hub, tiny("parcae"), tmp_path)
+    fake_hub.corrupt.add(file)
+    with pytest.raises(SystemExit, match=f"^{MODEL}(@[0-9a-f]+)?/{file} arrived corrupt .*deleted it; run the same "
+                                         "command again") as e:
+        hub.model_files(MODEL)
+    assert "\n" not in str(e.value)
+    blobs = cache_folder(tmp_path) / "blobs"
+    hashes = lambda data: (git_hash(data), hashlib.sha256(data).hexdigest())
+    assert all(p.name in hashes(p.read_bytes()) for p in blobs.iterdir())     # nothing corrupt is kept
     fake_hub.corrupt.clear()
-    (cached(MODEL) / "model.safetensors.part").write_bytes(b"something else")
-    with pytest.raises(SystemExit, match="arrived corrupt"):
-        hub.find_file(MODEL, hub.WEIGHTS)
-    assert Path(hub.find_file(MODEL, hub.WEIGHTS)).read_bytes() == fake_hub.files[f"{MODEL}/model.safetensors"]
+    config, weights, _ = hub.model_files(MODEL)
+    files = fake_hub.repos[MODEL][-1][1]
+    assert Path(config).read_bytes() == files["config.json"]
+    assert Path(weights).read_bytes() == files["model.safetensors"]
 
 
-def test_a_cached_model_or_a_folder_loads_with_no_network(fake_hub, tmp_path, hf_tokenizer):
-    fake_hub.add_model(MODEL, tiny("parcae", vocab_size=hf_tokenizer.n_vocab), tmp_path)
+def test_a_second_load_comes_from_the_cache_with_the_hub_gone_and_a_folder_needs_no_hub(fake_hub, tmp_path,
+                                                                                        hf_tokenizer):
+    add_model(fake_hub, tiny("parcae", vocab_size=hf_tokenizer.n_vocab), tmp_path)
     model, meta = hub.load_pretrained(MODEL)
-    fake_hub.httpd.shutdown()           # the Hub is gone: the cache is enough
-    fake_hub.httpd.server_close()
+    fake_hub.stop()                     # the Hub is gone: the cache is enough
+    hub.cached_tokenizer.cache_clear()
     again, meta_again = hub.load_pretrained(MODEL)
-    assert meta_again == meta and all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert meta_again == meta and equal_weights(model, again)
     folder = tmp_path / "folder"
     folder.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        src = cached(MODEL if name != "tokenizer.json" else TOKENIZER) / name
-        (folder / name).write_bytes(src.read_bytes())
+    for path in (*hub.model_files(MODEL)[:2], hub.find_tokenizer(TOKENIZER)[0]):    # from the cache
+        shutil.copy(path, folder)
     from_folder, folder_meta = hub.load_pretrained(str(folder))
-    assert folder_meta == {**meta, "tokenizer": str(folder)}
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), from_folder.parameters()))
+    # the folder's own tokenizer.json, named by its content: the same tokenizer as the authors'
+    assert folder_meta == {**meta, "tokenizer": "sha256:" + meta["tokenizer_sha256"]}
+    assert equal_weights(model, from_folder)
+
+
+def test_offline_mode_reads_the_cache_and_without_it_says_what_to_do_in_one_line(fake_hub, tmp_path, hf_tokenizer):
+    add_model(fake_hub, tiny("parcae", vocab_size=hf_tokenizer.n_vocab), tmp_path)
+    hub.load_pretrained(MODEL)          # fills the cache
+    asked = len(fake_hub.requests)
+    command = [sys.executable, "sample.py", f"--init_from={MODEL}", "--num_samples=1", "--max_new_tokens=4",
+               "--device=cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}         # and HF_HOME, HF_ENDPOINT as the fixture set them
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    env["HF_HOME"] = str(tmp_path / "empty")
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"HF_HUB_OFFLINE is set and the cache ({tmp_path / 'empty' / 'hub'}) does not hold "
+                                 f"{MODEL}/config.json: run once with a connection")
+    assert len(fake_hub.requests) == asked             # offline: not one request
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing repo", r"^http://127.0.0.1:\d+/SandyResearch/nothing is not a repo you can read: check the name; if it "
+                     r"is private, log in \(`hf auth login`, or set HF_TOKEN\)$"),
+    ("gated repo", rf"^{MODEL} is gated: accept its conditions at http://127.0.0.1:\d+/{MODEL} while logged in, then "
+                   r"log in here too \(`hf auth login`, or set HF_TOKEN\)$"),
+    ("missing revision", rf"^{MODEL} has no revision 'v9': give one of its branches, tags or commits$"),
+    ("missing file", r"^SandyResearch/notes has no config.json: is it one of the authors' model repos or folders\?$"),
+    ("no weights", r"^SandyResearch/notes has no weights: no model.safetensors, pytorch_model.bin, model.pt$"),
+    ("no network", rf"^could not reach http://127.0.0.1:\d+ for {MODEL}/config.json, and the cache does not hold it: "
+                   r"check your connection \(and HF_ENDPOINT\), or pass a folder that holds the files$"),
+])
+def test_what_cannot_be_had_is_one_line_that_says_what_to_do(fake_hub, tmp_path, sleeps, case, message):
+    add_model(fake_hub, tiny("parcae"), tmp_path)
+    fake_hub.commit("SandyResearch/notes", {"README.md": b"no model here"})
+    if case == "no weights":
+        fake_hub.commit("SandyResearch/notes", {"config.json": b"{}"})
+    if case == "gated repo":
+        fake_hub.gated.add(MODEL)
+    if case == "no network":
+        fake_hub.stop()
+    name = {"missing repo": "SandyResearch/nothing", "missing revision": f"{MODEL}@v9", "missing file":
+            "SandyResearch/notes", "no weights": "SandyResearch/notes"}.get(case, MODEL)
+    with pytest.raises(SystemExit, match=message):
+        sample.main([f"--init_from={name}", "--device=cpu"])
+    if case == "no network":            # after trying again, waiting longer each time
+        assert len(sleeps) >= 3 and sleeps == sorted(sleeps)
+
+
+@pytest.mark.parametrize("login", ["hf auth login", "HF_TOKEN"])
+def test_the_users_token_opens_a_gated_repo_goes_to_the_hub_only_and_is_never_printed(fake_hub, tmp_path,
+                                                                                    monkeypatch, capsys, login):
+    import huggingface_hub.constants
+    add_model(fake_hub, tiny("parcae"), tmp_path)
+    fake_hub.gated.add(MODEL)
+    if login == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    else:                               # where `hf auth login` saves it
+        Path(huggingface_hub.constants.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+        Path(huggingface_hub.constants.HF_TOKEN_PATH).write_text(fake_hub.token)
+    hub.model_files(MODEL)
+    auth = {(method, path.split("/")[1]): h.get("authorization") for method, path, h in fake_hub.requests}
+    assert auth[("HEAD", "SandyResearch")] == auth[("GET", "SandyResearch")] == f"Bearer {fake_hub.token}"
+    assert auth[("GET", "storage")] is None         # not sent on to where the Hub redirects a download
+    add_model(fake_hub, tiny("parcae"), tmp_path, repo="SandyResearch/parcae-370m")     # not in the cache
+    fake_hub.gated.add("SandyResearch/parcae-370m")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong456")
+    with pytest.raises(SystemExit, match="^SandyResearch/parcae-370m is gated") as e:
+        hub.model_files("SandyResearch/parcae-370m")
+    printed = capsys.readouterr()
+    assert "hf_wrong456" not in str(e.value) + printed.out + printed.err
 
 
 @pytest.mark.parametrize("name", ["../evil", "/etc/passwd", "a/../../b", "owner/name/../../x", "a/b/c", "onlyone",
-                                  "ow ner/name", "owner/..", "ówner/name"])
-def test_a_name_that_could_leave_the_cache_is_refused(fake_hub, name):
+                                  "ow ner/name", "owner/..", "ówner/name", "owner/name@", "owner/name@../../x"])
+def test_a_name_that_is_neither_a_folder_nor_a_repo_is_refused(fake_hub, name):
     with pytest.raises(SystemExit, match="neither a folder nor a Hugging Face repo name"):
-        hub.find_file(name, ("config.json",))
+        hub.load_pretrained(name)
     assert not fake_hub.requests
-
-
-def test_plain_http_is_refused_except_on_this_machine(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_ENDPOINT", "http://example.com")
-    with pytest.raises(SystemExit, match="refusing to download http://example.com/.*only https://"):
-        hub.find_file(MODEL, ("config.json",))
-
-
-def test_hf_token_goes_to_the_hub_only_and_is_never_printed(fake_hub, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_TOKEN", "hf_secret123")
-    fake_hub.add_model(MODEL, tiny("parcae"), tmp_path)
-    hub.find_file(MODEL, hub.WEIGHTS)
-    auth = {(method, path.split("/")[1]): h.get("Authorization") for method, path, h in fake_hub.requests}
-    assert auth[("HEAD", "SandyResearch")] == auth[("GET", "SandyResearch")] == "Bearer hf_secret123"
-    assert auth[("GET", "storage")] is None         # not sent on to where the Hub redirects the download
-    fake_hub.private.add("SandyResearch/private")
-    with pytest.raises(SystemExit, match="HTTP 401.*set HF_TOKEN") as e:     # errors name the file, not the token
-        hub.find_file("SandyResearch/private", ("config.json",))
-    printed = capsys.readouterr()
-    assert "hf_secret123" not in str(e.value) + printed.out + printed.err
-
-
-def test_a_missing_repo_or_file_says_what_to_do(fake_hub):
-    with pytest.raises(SystemExit, match="SandyResearch/nothing has no config.json"):
-        hub.load_pretrained("SandyResearch/nothing")
-    assert hub.find_file(MODEL, hub.WEIGHTS) is None     # each of the three names answered 404
 
 
 # -----------------------------------------------------------------------------
@@ -433,8 +434,8 @@ def train_tokenizer_json(path, vocab_size=384):
 def hf_tokenizer(fake_hub, tmp_path):
     """The authors' tokenizer repo on the fake Hub; returns its tiktoken Encoding (with .hf, the original)."""
     hf = train_tokenizer_json(tmp_path / "tokenizer.json")
-    fake_hub.files[f"{TOKENIZER}/tokenizer.json"] = (tmp_path / "tokenizer.json").read_bytes()
-    enc = hub.load_encoding(TOKENIZER)
+    fake_hub.commit(TOKENIZER, {"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()})
+    enc = hub.load_tokenizer(TOKENIZER)[0]
     enc.hf = hf
     return enc
 
@@ -479,7 +480,7 @@ def test_another_kind_of_tokenizer_json_is_refused(tmp_path):
 def pretrained(fake_hub, tmp_path, hf_tokenizer):
     """The authors' model repo on the fake Hub: a tiny Parcae model with their tokenizer's vocabulary."""
     model = tiny("parcae", vocab_size=hf_tokenizer.n_vocab, block_size=64)
-    fake_hub.add_model(MODEL, model, tmp_path)
+    add_model(fake_hub, model, tmp_path)
     return model
 
 
@@ -492,55 +493,71 @@ def parcae_data(pretrained, tmp_path):
     return Path(prepare.prepare(inputs=[str(tmp_path / "text")], tokenizer=TOKENIZER, out_dir=tmp_path / "data"))
 
 
-def test_prepare_frames_each_document_with_bos_and_eos_as_the_authors_data_loader(parcae_data, hf_tokenizer):
+def test_prepare_frames_each_document_with_bos_and_eos_as_the_authors_data_loader(parcae_data, hf_tokenizer,
+                                                                                   fake_hub):
     meta = json.loads((parcae_data / "meta.json").read_text())
     bos, eos = hf_tokenizer.encode_single_token("<|bos|>"), hf_tokenizer.encode_single_token("<|eos|>")
     assert parcae_data.name == "text-parcae-tokenizer"
-    assert {k: meta[k] for k in ("tokenizer", "vocab_size", "bos_token", "eot_token")} == \
-        {"tokenizer": TOKENIZER, "vocab_size": 384, "bos_token": bos, "eot_token": eos}
+    tokenizer_json = fake_hub.repos[TOKENIZER][-1][1]["tokenizer.json"]
+    # named by the commit it came from, and by its hash; its copy beside meta.json
+    assert {k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_token", "eot_token")} == \
+        {"tokenizer": f"{TOKENIZER}@{fake_hub.repos[TOKENIZER][-1][0]}", "vocab_size": 384, "bos_token": bos,
+         "eot_token": eos, "tokenizer_sha256": hashlib.sha256(tokenizer_json).hexdigest()}
+    assert (parcae_data / "tokenizer.json").read_bytes() == tokenizer_json
     val = np.fromfile(parcae_data / "val.bin", dtype=np.uint16).tolist()
     first = "Document 0. " + VARIED * 2             # val holds documents 0 and 10
     assert val[:val.index(eos) + 1] == [bos] + hf_tokenizer.hf.encode(first, add_special_tokens=False).ids + [eos]
     assert val.count(bos) == val.count(eos) == meta["val_docs"] == 2
 
 
-def test_sample_py_samples_a_pretrained_model_at_16_loops(pretrained, capsys):
+def test_sample_py_samples_a_pretrained_model_at_16_loops(pretrained, capsys, fake_hub):
     sample.main([f"--init_from={MODEL}", "--loops", "16", "--start", "def f(x):", "--num_samples", "2",
                  "--max_new_tokens", "12", "--device", "cpu"])
     samples = capsys.readouterr().out.split("-" * 40 + "\n")
     assert len(samples) == 3 and all(s.startswith("def f(x):") for s in samples[:2])
-    sample.main([f"--init_from={MODEL}", "--num_samples", "1", "--max_new_tokens", "5", "--device", "cpu"])
+    commit = fake_hub.repos[MODEL][-1][0]
+    sample.main([f"--init_from={MODEL}@{commit}", "--num_samples", "1", "--max_new_tokens", "5", "--device", "cpu"])
     assert capsys.readouterr().out.endswith("-" * 40 + "\n")      # no prompt: a document starts after <|bos|>
 
 
-def test_train_py_fine_tunes_a_pretrained_model_and_resumes_it(pretrained, parcae_data, tmp_path, capsys):
-    args = [f"--data_dir={parcae_data}", f"--out_dir={tmp_path / 'out'}", f"--init_from={MODEL}", "--device=cpu",
+def test_train_py_fine_tunes_a_pretrained_model_resumes_it_and_its_checkpoint_samples_with_no_hub(
+        pretrained, parcae_data, tmp_path, capsys, fake_hub):
+    name = f"{MODEL}@{fake_hub.repos[MODEL][-1][0]}"
+    args = [f"--data_dir={parcae_data}", f"--out_dir={tmp_path / 'out'}", f"--init_from={name}", "--device=cpu",
             "--block_size=32", "--batch_size=4", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
             "--eval_loops=[1, 4]", "--log_interval=1", "--lr=1e-3"]
     before = train.main(args)
-    assert f"fine-tuning {MODEL}, parcae model" in capsys.readouterr().out
+    assert f"fine-tuning {name}, parcae model" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert GPTConfig(**ckpt["model_config"]) == pretrained.config and ckpt["pretrained"] == MODEL
+    assert GPTConfig(**ckpt["model_config"]) == pretrained.config and ckpt["pretrained"] == name
     assert all(np.isfinite(v) for v in before.values())
     # the weights moved, from the pretrained ones
-    assert not torch.equal(ckpt["model"]["core.0.attn.c_q.weight"], pretrained.core[0].attn.c_q.weight)
+    assert not torch.equal(ckpt["model"]["core.0.attn.c_attn.weight"], pretrained.core[0].attn.c_attn.weight)
     train.main([a for a in args if not a.startswith(("--init_from", "--max_iters"))] + ["--init_from=resume",
                                                                                          "--max_iters=3"])
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 3
+    # the checkpoint's tokenizer.json travels with it: sampling needs neither the Hub nor its cache
+    fake_hub.stop()
+    shutil.rmtree(tmp_path / "hf_home")
+    hub.cached_tokenizer.cache_clear()
+    capsys.readouterr()
+    sample.main([f"--out_dir={tmp_path / 'out'}", "--start", "Document", "--num_samples=1", "--max_new_tokens=5",
+                 "--device=cpu"])
+    assert capsys.readouterr().out.startswith("Document")
 
 
 def test_train_py_refuses_data_tokenized_otherwise_naming_both(pretrained, tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match=f"{tiny_data} was tokenized with char .*but {MODEL} reads {TOKENIZER} "
+    with pytest.raises(SystemExit, match=f"{tiny_data} was tokenized with char .*but {MODEL} reads {TOKENIZER}@"
                                          f".*--tokenizer {TOKENIZER}"):
         train.main([f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}", f"--init_from={MODEL}",
                     "--device=cpu", "--block_size=32"])
 
 
 def test_bench_loops_measures_a_pretrained_model_at_each_depth(pretrained, parcae_data, tmp_path):
-    results = loops.main(["--data_dir", str(parcae_data), "--preset", "tiny", "--init_from", MODEL,
+    results = loops.main(["--data_dir", str(parcae_data), "--preset", "tiny", "--init_from", f"{MODEL}@main",
                           "--loops", "1", "2", "4", "8", "--batches", "1", "--results_dir", str(tmp_path / "results")])
     (m,) = results["models"]
-    assert m["model"] == MODEL and m["mean_loops"] == 4 and list(m["losses"]) == ["1", "2", "4", "8"]
+    assert m["model"] == f"{MODEL}@main" and m["mean_loops"] == 4 and list(m["losses"]) == ["1", "2", "4", "8"]
     assert all(np.isfinite(v) for v in m["losses"].values()) and m["fit"] is not None
     assert (tmp_path / "results" / "loops.png").exists()
 
@@ -552,3 +569,66 @@ def test_bench_loops_adaptive_measures_a_pretrained_model(pretrained, parcae_dat
     (m,) = results["models"]
     assert m["model"] == MODEL and [a["threshold"] for a in m["adaptive"]] == [0.1, 0]
     assert m["adaptive"][1]["mean_loops"] == 4 and (tmp_path / "results" / "adaptive.md").exists()
+
+
+def test_data_and_checkpoints_of_a_local_tokenizer_name_it_by_content_and_work_on_another_machine(
+        hf_tokenizer, tmp_path, capsys):
+    mine = tmp_path / "my-tokenizer"
+    mine.mkdir()
+    shutil.copy(hub.find_tokenizer(TOKENIZER)[0], mine / "tokenizer.json")
+    (tmp_path / "text").mkdir()
+    for i in range(20):
+        (tmp_path / "text" / f"{i}.txt").write_text(f"Document {i}. " + VARIED[i:], encoding="utf-8")
+    data = Path(prepare.prepare(inputs=[str(tmp_path / "text")], tokenizer=str(mine), out_dir=tmp_path / "data"))
+    meta_json = (data / "meta.json").read_text()
+    assert data.name == "text-my-tokenizer" and str(mine) not in meta_json     # no folder of this machine
+    meta = json.loads(meta_json)
+    sha256 = hub.file_sha256(mine / "tokenizer.json")
+    assert meta["tokenizer"] == "sha256:" + meta["tokenizer_sha256"] == "sha256:" + sha256
+    train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--block_size=32", "--n_embd=32",
+                "--batch_size=4", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--eval_loops=[1]"])
+    # "another machine": the run folder alone, with the tokenizer folder and the data gone
+    shutil.move(tmp_path / "out", tmp_path / "elsewhere")
+    shutil.rmtree(mine)
+    shutil.rmtree(data)
+    hub.cached_tokenizer.cache_clear()
+    capsys.readouterr()
+    sample.main([f"--out_dir={tmp_path / 'elsewhere'}", "--start", "Document", "--num_samples=1",
+                 "--max_new_tokens=5", "--device=cpu"])
+    assert capsys.readouterr().out.startswith("Document")
+    (tmp_path / "elsewhere" / "tokenizer.json").unlink()
+    hub.cached_tokenizer.cache_clear()
+    with pytest.raises(SystemExit, match="was a local tokenizer.json, and .*elsewhere/tokenizer.json holds no copy"):
+        sample.main([f"--out_dir={tmp_path / 'elsewhere'}", "--device=cpu"])
+
+
+def test_a_model_folder_with_the_same_tokenizer_json_reads_data_of_the_hub_tokenizer(pretrained, parcae_data,
+                                                                                     tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for path in (*hub.model_files(MODEL)[:2], hub.find_tokenizer(TOKENIZER)[0]):
+        shutil.copy(path, folder)
+    meta = json.loads((parcae_data / "meta.json").read_text())
+    model = hub.load_for_data(str(folder), meta, parcae_data)
+    assert equal_weights(model, pretrained)
+    with open(folder / "tokenizer.json", "a") as f:        # another tokenizer.json: refused
+        f.write(" ")
+    hub.cached_tokenizer.cache_clear()
+    with pytest.raises(SystemExit, match=f"was tokenized with {TOKENIZER}@.*, but {folder} reads sha256:.*--tokenizer "
+                                         f"{folder}$"):
+        hub.load_for_data(str(folder), meta, parcae_data)
+
+
+def test_train_sample_and_prepare_need_neither_package_until_a_path_does(monkeypatch, tmp_path):
+    """The GPU machines have neither huggingface_hub nor safetensors: importing the scripts needs neither,
+    and a path that needs one says how to install it, in one line."""
+    code = ("import sys; sys.modules['huggingface_hub'] = sys.modules['safetensors'] = None; "
+            "import train, sample, prepare, hub")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)      # (an import then fails)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(SystemExit, match="^this needs the huggingface_hub package: pip install -r requirements.txt$"):
+        sample.main([f"--init_from={MODEL}"])
+    with pytest.raises(SystemExit, match="^this needs the safetensors package: pip install -r requirements.txt$"):
+        hub.read_weights(str(tmp_path / "model.safetensors"))

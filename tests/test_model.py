@@ -7,11 +7,12 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.throughput import MaskedLoopGPT
 from conftest import ROOT, U, reordering_bound, tiny, tokens
-from model import GPT, GPTConfig, ParcaeInjection, apply_rotary, rotary_tables
+from model import GPT, CausalSelfAttention, GPTConfig, ParcaeInjection, apply_rotary, rotary_tables
 from sample import KVCache
 from train import Muon, configure_optimizers
 
@@ -30,19 +31,64 @@ def count_core_calls(model):
 
 def test_rotary_embedding_rotates_interleaved_pairs_and_keeps_only_relative_position():
     cos, sin = rotary_tables(head_dim=8, max_len=40)
-    # base 50,000: fp32's pow and cos are each within an ulp (U near 1), rounding math.cos half of one
-    assert torch.allclose(cos[1, 1], torch.tensor(math.cos(50_000 ** (-2 / 8))), rtol=0, atol=4 * U)
+    # base 50,000: fp32's pow and cos are each within an ulp (U near 1), rounding math.cos half of one;
+    # channels 2 and 3 are pair 1, of angle position·50000^(-2/8)
+    assert torch.allclose(cos[1, 2:4], torch.tensor(math.cos(50_000 ** (-2 / 8))), rtol=0, atol=4 * U)
+    assert torch.equal(sin[:, 2], -sin[:, 3]) and torch.equal(cos[:, 2], cos[:, 3])
     rot = lambda x, p: apply_rotary(x, cos[p:p + 1], sin[p:p + 1])
     # channels 2i and 2i+1 rotate together as one complex number: (1, 0) becomes (cos, sin), exactly
     x = torch.zeros(1, 1, 1, 8)
     x[..., 2] = 1.0
-    assert torch.equal(rot(x, 3)[..., 2:4].flatten(), torch.stack([cos[3, 1], sin[3, 1]]))
+    assert torch.equal(rot(x, 3)[..., 2:4].flatten(), torch.stack([cos[3, 2], sin[3, 3]]))
     # q·k depends on the distance between the positions only. Up to the tables' rounding: the angle
     # p·θ_i (θ_i ≤ 1) is rounded by up to p·U, cos and sin by an ulp each, and the rotation and the sum
     # of 8 products add a few U more, so each side is within (p_q + p_k + 18)·U·‖q‖‖k‖ of exact.
     q, k = torch.randn(2, 1, 1, 1, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
     bound = ((5 + 2 + 18) + (30 + 27 + 18)) * U * q.norm() * k.norm()
     assert torch.allclose((rot(q, 5) * rot(k, 2)).sum(), (rot(q, 30) * rot(k, 27)).sum(), rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_is_the_pairwise_rotation_in_fp32_bit_for_bit(dtype):
+    """apply_rotary computes x·cos + (x, pairs swapped)·(∓sin): for each pair the same two fp32 products
+    and one sum, rounded once each, as the rotation written pair by pair (the release's formula):
+    x_2i+1·(-sin) rounds to -(x_2i+1·sin), a + (-b) is a - b, and a sum does not depend on its order.
+    bf16 input is rounded back to bf16 after, as autocast's q and k are."""
+    cos, sin = rotary_tables(head_dim=16, max_len=40)
+    x = torch.randn(2, 40, 3, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    c, s = cos[:, None, 0::2], sin[:, None, 1::2]
+    want = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).to(dtype)
+    assert torch.equal(apply_rotary(x, cos, sin), want)
+
+
+def test_attention_reads_q_k_and_v_from_the_rows_of_c_attn_in_that_order():
+    """c_attn stacks the release's c_q, c_k and c_v: attention computed from three separate matrices as
+    the release does (each projection, RoPE, QK-norm, causal softmax, c_proj), written out here in fp64.
+    Both compute the same sums in other orders (one fused matmul or three; the softmax in or out of a
+    kernel): over 64 terms, about 8·2⁻⁵³ ≈ 1e-15 of values of order 1 each, through a few sums in a row,
+    so 1e-12 holds with room; q and k swapped, or v from other rows, is off by order 1."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(GPTConfig(n_embd=64, n_head=2, block_size=16), has_value_embed=False).double()
+    Wq, Wk, Wv, Wo = torch.randn(4, 64, 64, dtype=torch.float64) / 8
+    with torch.no_grad():
+        attn.c_attn.weight.copy_(torch.cat([Wq, Wk, Wv]))
+        attn.c_proj.weight.copy_(Wo)
+    x = torch.randn(2, 10, 64, dtype=torch.float64)
+    cos, sin = (t[:10].double() for t in rotary_tables(32, 16))
+    c, s = cos[:, None, 0::2], sin[:, None, 1::2]
+
+    def heads(W, rotate):
+        t = (x @ W.T).view(2, 10, 2, 32)
+        if rotate:
+            t1, t2 = t[..., 0::2], t[..., 1::2]
+            t = F.rms_norm(torch.stack((t1 * c - t2 * s, t1 * s + t2 * c), dim=-1).flatten(-2), (32,))
+        return t.transpose(1, 2)            # (B, heads, L, head_dim)
+    q, k, v = heads(Wq, True), heads(Wk, True), heads(Wv, False)
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(32)).masked_fill(torch.ones(10, 10).triu(1).bool(), -math.inf)
+    want = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, 64) @ Wo.T
+    with torch.no_grad():
+        assert torch.allclose(attn(x, None, cos, sin), want, rtol=0, atol=1e-12)
 
 
 # -----------------------------------------------------------------------------
@@ -94,10 +140,11 @@ def test_official_init_zero_out_projections_and_scaled_orthogonal_matrices():
     rms = lambda w: w.double().pow(2).mean().sqrt().item()
     for block in model.blocks():
         assert block.attn.c_proj.weight.abs().max() == 0 and block.mlp.proj.weight.abs().max() == 0
-        assert rms(block.attn.c_q.weight) == pytest.approx(math.sqrt(0.4) * sigma, rel=1e-4)
         assert rms(block.mlp.fc.weight) == pytest.approx(math.sqrt(1.6) * sigma, rel=1e-4)
-        q = block.attn.c_q.weight.double() / (math.sqrt(0.4) * sigma * 8)    # orthogonal once rescaled
-        assert torch.allclose(q @ q.T, torch.eye(64, dtype=torch.float64), rtol=0, atol=1e-4)
+        for w in block.attn.c_attn.weight.chunk(3):     # q, k and v: each orthogonal on its own, as in the release
+            assert rms(w) == pytest.approx(math.sqrt(0.4) * sigma, rel=1e-4)
+            w = w.double() / (math.sqrt(0.4) * sigma * 8)     # orthogonal once rescaled
+            assert torch.allclose(w @ w.T, torch.eye(64, dtype=torch.float64), rtol=0, atol=1e-4)
     assert rms(model.wte.weight) == pytest.approx(sigma, rel=1e-4)
     assert rms(model.C.weight) == pytest.approx(math.sqrt(0.4) * sigma, rel=1e-4)
     # value embeddings on every other layer, ending with the last (layers 0..5: 1, 3, 5)
@@ -107,7 +154,9 @@ def test_official_init_zero_out_projections_and_scaled_orthogonal_matrices():
 
 def test_parameter_counts_match_the_paper_table():
     expected = {("parcae", 768, 6, 2): 144.3e6, ("none", 768, 6, 2): 143.1e6,
-                ("parcae", 1024, 8, 4): 388.0e6, ("none", 1024, 8, 4): 385.9e6}
+                ("parcae", 1024, 8, 4): 388.0e6, ("none", 1024, 8, 4): 385.9e6,
+                ("parcae", 1280, 10, 6): 776.7e6, ("none", 1280, 10, 6): 773.4e6,
+                ("parcae", 1536, 12, 8): 1338.6e6, ("none", 1536, 12, 8): 1333.9e6}
     for (injection, d, heads, n), count in expected.items():
         with torch.device("meta"):          # shapes only: no memory, no init time
             model = GPT(GPTConfig(vocab_size=32768, block_size=2048, n_embd=d, n_head=heads,
@@ -157,7 +206,7 @@ def test_gradient_flows_through_only_the_last_k_iterations_of_each_sequence():
     # each sequence is backpropagated through min(T, 2) iterations: 2 + 1 + 2 + 2 + 2
     assert sum(backward) == int(depths.clamp(max=2).sum())
     # and the prelude still gets gradient through e
-    assert model.prelude[0].attn.c_q.weight.grad.abs().sum() > 0
+    assert model.prelude[0].attn.c_attn.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("injection", ["parcae", "linear", "add"])
@@ -327,7 +376,7 @@ def test_optimizer_groups_muon_for_block_matrices_adamw_for_the_rest():
     muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     adam_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
     assert muon_names | adam_names == set(names.values()) and not muon_names & adam_names
-    assert all(n.split(".")[-2] in {"c_q", "c_k", "c_v", "c_proj", "fc", "proj", "ve_gate"} for n in muon_names)
+    assert all(n.split(".")[-2] in {"c_attn", "c_proj", "fc", "proj", "ve_gate"} for n in muon_names)
     for n in ("wte.weight", "injection.A_log", "injection.dt_bias", "injection.B.weight", "C.weight",
               "core.0.value_embed.weight", "norm_f.weight"):
         assert n in adam_names
@@ -383,6 +432,34 @@ def test_muon_takes_the_steps_of_torch_optim_muon_given_the_same_orthogonalisati
     opts[0].load_state_dict(copy.deepcopy(opts[1].state_dict()))    # as from a file: no shared buffers
     step_both(resumed)
     assert all(torch.equal(a, b) for a, b in zip(resumed, theirs))
+
+
+def test_muon_steps_c_attn_as_the_three_matrices_it_stacks():
+    """The fused model's Muon steps equal those of the release's separate q, k and v, to the last bit.
+    Exact by construction: c_attn's three pieces enter Newton–Schulz as three d×d matrices, in the
+    stack, and at the place in it, where c_q, c_k and c_v would (so the batched matmuls see the same
+    input), with the lr scaling of a d×d matrix; momentum and weight decay are elementwise, and every
+    size here is a multiple of the vector width, so no element takes another code path in a 3d×d tensor."""
+    model = tiny()
+    muon, _ = configure_optimizers(model, lr=0.02, weight_decay=0.1, device_type="cpu")
+    fused = muon.param_groups[0]["params"]
+    assert sum(muon.pieces.get(id(p), 1) == 3 for p in fused) == len(model.blocks())     # each c_attn
+    pieces = lambda tensors: [t for p, w in zip(fused, tensors) for t in w.chunk(muon.pieces.get(id(p), 1))]
+    separate = [torch.nn.Parameter(w.clone()) for w in pieces([p.detach() for p in fused])]
+    reference = Muon(separate, lr=0.02, weight_decay=0.1, momentum=0.95)
+    start = [w.detach().clone() for w in separate]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p in fused:
+            p.grad = torch.randn(p.shape, generator=g)
+        for s, grad in zip(separate, pieces([p.grad for p in fused])):
+            s.grad = grad.clone()
+        muon.step()
+        reference.step()
+    assert all(torch.equal(a, b) for a, b in zip(pieces([p.detach() for p in fused]), separate))
+    buffers = lambda opt, params: [opt.state[p]["momentum_buffer"] for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(pieces(buffers(muon, fused)), buffers(reference, separate)))
+    assert not any(torch.equal(a, b) for a, b in zip(separate, start))       # and the steps moved them all
 
 
 @pytest.mark.parametrize("shape", [(16, 48), (48, 16), (24, 24)], ids=["wide", "tall", "square"])

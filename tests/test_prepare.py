@@ -196,18 +196,27 @@ def test_default_run_is_the_python_stdlib_with_the_char_tokenizer(tmp_path):
     assert decode(val[:len(first) + 1].tolist()) == first + EOT
 
 
-def test_fineweb_edu_downloads_tokenizes_and_skips_finished_shards(server, tmp_path):
+def fineweb_shards(fake_hub, shards):
+    """FineWeb-Edu's dataset repo on the fake Hub, holding these shards (lists of documents) in sample/10BT/;
+    returns the commit's hash."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+    files = {}
+    for s, docs in enumerate(shards):
+        out = pa.BufferOutputStream()
+        pq.write_table(pa.table({"text": docs, "id": [f"{s}-{i}" for i in range(len(docs))]}), out, row_group_size=40)
+        files[f"sample/10BT/{s:03d}_00000.parquet"] = out.getvalue().to_pybytes()
+    return fake_hub.commit(prepare.FINEWEB, files)
+
+
+def test_fineweb_edu_downloads_through_the_hub_tokenizes_and_skips_finished_shards(fake_hub, tmp_path):
     gpt2_or_skip()
     shards = [[f"Shard {s}, document {i}. " * (1 + i % 5) for i in range(150)] for s in range(2)]
-    for s, docs in enumerate(shards):
-        table = pa.table({"text": docs, "id": [f"{s}-{i}" for i in range(len(docs))]})
-        pq.write_table(table, server.www / f"{s:03d}_00000.parquet", row_group_size=40)
+    commit = fineweb_shards(fake_hub, shards)
     folder = tmp_path / "data" / "fineweb-edu"
-    (folder / "shards").mkdir(parents=True)  # an interrupted download is never mistaken for a finished one:
-    (folder / "shards" / "000_00000.parquet.part").write_bytes(b"half a shard")
-    kwargs = dict(source="fineweb-edu", url=server.url, num_shards=2, num_proc=2, out_dir=tmp_path / "data")
+    (folder / "shards").mkdir(parents=True)  # a shard whose tokenizing was cut short is never taken for done
+    (folder / "shards" / "000_00000.bin.tmp").write_bytes(b"half a shard")
+    kwargs = dict(source="fineweb-edu", num_shards=2, num_proc=2, out_dir=tmp_path / "data")
 
     assert Path(prepare.prepare(**kwargs)) == folder
     meta, train, val = read(folder)
@@ -217,12 +226,29 @@ def test_fineweb_edu_downloads_tokenizes_and_skips_finished_shards(server, tmp_p
     _, decode = prepare.load_tokenizer(meta)
     assert decode(val.tolist()) == joined(shards[0][:1])
     assert decode(train.tolist()) == joined(shards[0][1:] + shards[1])
-    assert sorted(server.requests) == ["/000_00000.parquet", "/001_00000.parquet"]
+    # each shard: the Hub says where it is (HEAD), then it comes from storage, into the shared cache
+    asked = [(method, path.split("/")[1]) for method, path, _ in fake_hub.requests if not path.startswith("/api/")]
+    assert asked == [("HEAD", "datasets"), ("GET", "storage")] * 2
+    cache = tmp_path / "hf_home" / "hub" / "datasets--HuggingFaceFW--fineweb-edu" / "snapshots" / commit
+    cache = cache / "sample" / "10BT"
+    assert sorted(p.name for p in cache.iterdir()) == ["000_00000.parquet", "001_00000.parquet"]
 
     outputs = {name: (folder / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
-    prepare.prepare(**kwargs)  # a re-run: both shards are tokenized already, so nothing is downloaded
-    assert len(server.requests) == 2
+    asked = len(fake_hub.requests)
+    prepare.prepare(**kwargs)  # a re-run: both shards are tokenized already, so nothing is asked of the Hub
+    assert len(fake_hub.requests) == asked
     assert outputs == {name: (folder / name).read_bytes() for name in outputs}
+
+
+def test_fineweb_edu_at_a_revision_and_more_shards_than_there_are(fake_hub, tmp_path):
+    gpt2_or_skip()
+    old = fineweb_shards(fake_hub, [["an old document", "and another"]])
+    fineweb_shards(fake_hub, [["a new document", "and another"]])           # main moves on
+    meta, _, val = read(prepare.prepare(source=f"fineweb-edu@{old}", num_proc=1, out_dir=tmp_path))
+    assert prepare.load_tokenizer(meta)[1](val.tolist()) == joined(["an old document"])
+    assert f"at {old}" in meta["source"]
+    with pytest.raises(SystemExit, match="has no sample/10BT/001_00000.parquet: --num_shards=2 is more than it holds"):
+        prepare.prepare(source="fineweb-edu", num_shards=2, num_proc=1, out_dir=tmp_path)
 
 
 def test_shakespeare_is_downloaded_once_and_split_90_10(server, tmp_path):
@@ -256,6 +282,8 @@ def refused_url():
     (dict(source="fineweb-edu", tokenizer="byte"), "for bytes, pass local text files with --input"),
     (dict(source="shakespeare", url="REFUSED"),
      "could not download .*refused.*; connect to the internet, or pass --input with a local copy"),
+    (dict(source="fineweb-edu", url="REFUSED"), "--url is where shakespeare comes from; fineweb-edu has none"),
+    (dict(source="stdlib@main"), "only fineweb-edu comes from the Hub, with a revision; stdlib has none"),
 ])
 def test_user_errors_exit_with_one_line_that_says_what_to_do(kwargs, message, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -294,9 +322,9 @@ def test_a_rerun_replaces_the_files_atomically(corpus, tmp_path):
     assert decode(train.tolist()).startswith(f"a changed document, longer than it was before\n{EOT}")
 
 
-def test_a_downloaded_shard_that_is_not_parquet_is_reported(server, tmp_path):
+def test_a_downloaded_shard_that_is_not_parquet_is_reported(fake_hub, tmp_path):
     pytest.importorskip("pyarrow")
     gpt2_or_skip()
-    (server.www / "000_00000.parquet").write_text("<html>a login page, say</html>")
+    fake_hub.commit(prepare.FINEWEB, {"sample/10BT/000_00000.parquet": b"<html>a login page, say</html>"})
     with pytest.raises(SystemExit, match="000_00000.parquet is not a parquet file with a 'text' column"):
-        prepare.prepare(source="fineweb-edu", url=server.url, num_proc=1, out_dir=tmp_path)
+        prepare.prepare(source="fineweb-edu", num_proc=1, out_dir=tmp_path)

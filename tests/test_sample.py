@@ -147,8 +147,9 @@ def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_mo
 
 
 def test_bf16_weights_change_nothing_under_bf16_autocast():
-    """sample.py stores the linear layers' weights in bf16 on a GPU: autocast computes them in bf16
-    anyway, so the tokens are the same; the norms and the injection's own parameters stay fp32."""
+    """sample.py stores the linear layers' weights and the value-embedding tables in bf16 on a GPU: autocast
+    computes in bf16 with them anyway, so the tokens are the same; the norms and the injection's own
+    parameters stay fp32."""
     model = tiny(init_state="zero", block_size=16).eval()
     prompt = tokens(B=2, L=5)[:, :-1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -156,9 +157,10 @@ def test_bf16_weights_change_nothing_under_bf16_autocast():
         bf16_weights(model)
         after = generate(model, prompt, 8, loops=3, top_k=1)
     assert torch.equal(before, after)
-    assert model.core[0].attn.c_q.weight.dtype == model.injection.B.weight.dtype == torch.bfloat16
+    assert model.core[0].attn.c_attn.weight.dtype == model.injection.B.weight.dtype == torch.bfloat16
     fc = model.core[0].mlp.fc
     assert fc.weight.shape == (fc.out_features, fc.in_features) and fc.weight.stride() == (1, fc.out_features)
+    assert model.core[0].value_embed.weight.dtype == torch.bfloat16
     assert model.injection.A_log.dtype == model.norm_f.weight.dtype == model.wte.weight.dtype == torch.float32
 
 # -----------------------------------------------------------------------------

@@ -74,6 +74,44 @@ def test_config_file_is_applied_then_overridden_and_its_typos_refused(tmp_path):
         train.parse_settings([str(typo)])
 
 
+# the paper's models (MODEL.md section 6): parameters with its 32,768-token vocabulary, the micro-batch the
+# authors launch each with, and the training tokens (~80 per parameter)
+PAPER = {"parcae_140m": (144.3e6, 16, 11.2e9), "gpt_140m": (143.1e6, 16, 11.2e9),
+         "parcae_350m": (388.0e6, 16, 31.5e9), "gpt_350m": (385.9e6, 16, 31.5e9),
+         "parcae_770m": (776.7e6, 8, 61.6e9), "gpt_770m": (773.4e6, 32, 61.6e9),
+         "parcae_1.3b": (1338.6e6, 8, 104e9), "gpt_1.3b": (1333.9e6, 16, 104e9)}
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_each_config_is_the_papers_model_and_recipe(name):
+    params, micro_batch, tokens = PAPER[name]
+    s = train.parse_settings([os.path.join(ROOT, "config", f"{name}.py")])
+    with torch.device("meta"):          # shapes only: no memory, no init time
+        model = GPT(train.model_config(s, 32768))
+    assert model.num_params() == pytest.approx(params, abs=0.05e6)      # the table's rounding
+    tokens_per_step = s["batch_size"] * s["grad_accum_steps"] * s["block_size"]
+    assert (s["block_size"], s["batch_size"], tokens_per_step) == (2048, micro_batch, 256 * 2048)
+    assert s["grad_accum_steps"] % 8 == 0                               # 8 GPUs share the micro-steps
+    large = name.endswith(("770m", "1.3b"))
+    assert (s["lr"], s["adamw_lr"] or s["lr"]) == (8e-3, 6e-3 if large else 8e-3)     # Muon's, AdamW's
+    assert float(f"{s['max_iters'] * tokens_per_step:.3g}") == tokens  # to the 3 digits the paper gives
+    assert s["activation_checkpoint"] == (name == "parcae_1.3b")        # as the release has it
+    if model.config.looped:
+        assert (model.config.mean_loops, model.config.backprop_loops, model.config.depth_sampling) == \
+            (8, 4, "per-sequence")
+
+
+def test_adamw_follows_the_schedule_to_its_own_peak(tiny_args, tmp_path, monkeypatch):
+    seen = []
+    step = train.Muon.step
+    monkeypatch.setattr(train.Muon, "step", lambda self: (seen.append(self.param_groups[0]["lr"]), step(self)))
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]),
+                                                                         adamw_step(self, *a, **k))[1])
+    train.main(tiny_args(max_iters=4, lr=0.5, adamw_lr=0.25, cooldown_frac=0.5, eval_interval=4))
+    assert seen == [0.5, 0.25, 0.5, 0.25, 0.5, 0.25, 0.25, 0.125]
+
+
 def test_trapezoid_is_constant_then_falls_linearly_to_zero_and_cosine_ends_at_min_lr():
     cfg = SimpleNamespace(lr=1.0, max_iters=100, warmup_iters=0, schedule="trapezoid", cooldown_frac=0.5, min_lr=0.1)
     assert [train.lr_at(s, cfg) for s in (0, 49, 50, 75, 99)] == [1.0, 1.0, 1.0, 0.5, 0.02]
@@ -144,6 +182,69 @@ def test_the_compiled_model_computes_the_same_loss_and_gradients():
     for name, g in grads[0].items():
         bound = reordering_bound(n=128, layers=27) * g.abs().max().item()
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=bound, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_iterations_replayed_as_cuda_graphs_follow_the_weights_as_they_change(bf16):
+    """The no-grad iterations replay recorded graphs; after the weights change in place (as an optimizer
+    step changes them), a replay computes with the new weights, also under bf16 autocast."""
+    from conftest import tiny, tokens
+    model = tiny().cuda()
+    graphed = train.GraphedIterations(model.core_iteration)
+    x = tokens(B=4, L=16)[:, :-1].cuda()
+    e = torch.randn(4, 16, 32, device="cuda")
+    h = torch.randn(4, 16, 32, device="cuda")
+    cos, sin = model.cos[:16], model.sin[:16]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        for change in range(3):
+            for m in (4, 3, 4):        # two shapes: two graphs in one pool, each replayed again
+                want = model.core_iteration(h[:m], e[:m], x[:m], cos, sin)
+                got = graphed(h[:m], e[:m], x[:m], cos, sin)
+                # The same kernels on the same inputs, except that cuBLAS may pick another algorithm
+                # inside a capture: sums of up to 4·32 terms in another order, through 2 blocks (4 sums);
+                # in bf16 an output rounds to 8 bits, so a reordering can flip its last bit: 2^-8 of it.
+                U_out = 2.0 ** -8 if bf16 else reordering_bound(n=128, layers=4)
+                torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 * U_out * want.abs().max().item())
+            for p in model.core.parameters():
+                p.mul_(1.5)            # in place, as Muon and AdamW update them
+    assert len(graphed.graphs) == 2
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_bit_for_bit():
+    """
+    train.checkpoint_blocks (activation_checkpoint = True) keeps only each block's inputs and reruns the block
+    in the backward. Exact by construction: the backward is the same graph, and each rerun computes the
+    activations it dropped from the same inputs by the same operations, on one thread, so to the same bits.
+    The depths drawn (above and below backprop_loops) put no-grad iterations and truncated backprop in it.
+    """
+    from conftest import tiny, tokens
+    x = tokens(B=8, L=24)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = []
+        for checkpointing in (False, True):
+            model = tiny(mean_loops=4, backprop_loops=2).train()
+            if checkpointing:
+                train.checkpoint_blocks(model)
+            calls = []
+            for block in model.blocks():     # (the attention inside each block: the rerun calls it too)
+                block.attn.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+            torch.manual_seed(5)            # the same depths and h_0
+            depths = model.sample_depths(8)
+            torch.manual_seed(5)
+            _, loss = model(x[:, :-1], x[:, 1:])
+            forward_calls = len(calls)
+            loss.backward()
+            runs.append((loss, {n: p.grad for n, p in model.named_parameters()}, forward_calls, calls))
+    finally:
+        torch.set_num_threads(threads)
+    assert depths.max() > 2 >= depths.min()     # some sequences loop without gradient, some only with it
+    (loss, grads, n, calls), (loss_c, grads_c, n_c, calls_c) = runs
+    assert torch.equal(loss_c, loss) and all(torch.equal(grads_c[k], g) for k, g in grads.items())
+    # the same forward, then the blocks run with gradient run again in the backward
+    assert n_c == n and calls_c[:n] == calls and len(calls_c) == n + sum(calls)
 
 
 @pytest.mark.parametrize("injection", ["parcae", "none"])
