@@ -1,6 +1,6 @@
 """
 Test-time depth: validation loss of trained looped models at T = 1 ... 32 loops, and the
-saturating exponential the paper fits to it, L(T) = L∞ + Z·exp(−z·T) (PARCAE.md section 7).
+saturating exponential the paper fits to it, L(T) = L∞ + Z·exp(−z·T) (MODEL.md section 7).
 
     python bench/loops.py --data_dir=data/bench                 # the looped models of quality.json's largest budget
     python bench/loops.py --data_dir=data/bench --checkpoints out/bench/small/quality/parcae_24M --loops 1 4 16
