@@ -184,7 +184,7 @@ def read_weights(path):
 
 
 # -----------------------------------------------------------------------------
-# the release's config.json and weights -> our GPT (PARCAE.md; the release's Parcae and GPT classes)
+# the release's config.json and weights -> our GPT (MODEL.md sections 2-4, 6; the release's Parcae and GPT classes)
 
 # fields that do not change what the model computes: names, kernels, checkpointing, training RNG details
 # (rope_settings too: the release's from_pretrained drops it; the RoPE it computes is the weights' freqs_cis)

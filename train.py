@@ -12,7 +12,7 @@ first argument (plain Python assignments) and then --key=value arguments overrid
 Unknown names and values of the wrong type are refused, with the nearest valid name.
 
 Writes out_dir/ckpt.pt (at each evaluation and at the end) and out_dir/metrics.jsonl (one
-JSON object per log line, for scripts and plots). PARCAE.md section 5 is the recipe.
+JSON object per log line, for scripts and plots). MODEL.md section 5 is the recipe.
 """
 import ast
 import builtins
@@ -192,7 +192,7 @@ def parse_settings(argv):
 
 
 # -----------------------------------------------------------------------------
-# the optimizers (PARCAE.md section 5)
+# the optimizers (MODEL.md section 5)
 
 
 def configure_optimizers(model, lr, weight_decay, device_type, adamw_lr=None):

@@ -154,9 +154,10 @@ def at_least(low):
     return whole
 
 
-def parser(description):
+def parser(description, data_dir_required=True):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", required=True, help="a folder with train.bin, val.bin, meta.json (prepare.py)")
+    p.add_argument("--data_dir", required=data_dir_required,
+                   help="a folder with train.bin, val.bin, meta.json (prepare.py)")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size and budgets")
     p.add_argument("--work_dir", help="where the runs' out_dirs go (default out/bench/<preset>)")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"), help="JSON, Markdown, PNG")
@@ -168,7 +169,9 @@ def parser(description):
     return p
 
 
-def finish_args(args):
+def finish_args(args, need_data=True):
+    """The parsed command line's presets, GPUs, overrides and the data's meta.json (None if the data are not
+    here and need_data is False: a plan made on another machine than the GPU's)."""
     args.preset_name, args.preset = args.preset, PRESETS[args.preset]
     args.work_dir = args.work_dir or os.path.join(ROOT, "out", "bench", args.preset_name)
     args.parallel = args.parallel or args.preset["parallel"]
@@ -180,7 +183,8 @@ def finish_args(args):
     else:
         args.gpus = list(range(n_gpus))
     args.overrides = dict(train.parse_override("--" + item) for item in args.set)    # checked as train.py does
-    args.meta = read_meta(args.data_dir)
+    here = os.path.exists(os.path.join(args.data_dir, "meta.json"))
+    args.meta = read_meta(args.data_dir) if need_data or here else None
     os.makedirs(args.results_dir, exist_ok=True)
     return args
 

@@ -203,9 +203,19 @@ def fit_exponential(T, L):
         coef = np.linalg.lstsq(X, L, rcond=None)[0]
         return float(((X @ coef - L) ** 2).sum()), coef
 
+    def errors(zs):
+        """solve's squared error at every z of zs at once (a bootstrap fits thousands of curves): the best Z is
+        the regression slope of L on u = exp(−z·T), and the residuals are those of the centred values."""
+        u = np.exp(-np.outer(zs, T))
+        u -= u.mean(axis=1, keepdims=True)
+        y = L - L.mean()
+        suu = (u * u).sum(axis=1)
+        Z = np.divide(u @ y, suu, out=np.zeros_like(suu), where=suu > 0)
+        return ((y - Z[:, None] * u) ** 2).sum(axis=1)
+
     grid = np.logspace(*np.log10(Z_RANGE), 400)
     for _ in range(4):
-        i = int(np.argmin([solve(z)[0] for z in grid]))
+        i = int(np.argmin(errors(grid)))
         best = grid[i]
         grid = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)], 101)
     sse, (L_inf, Z) = solve(best)

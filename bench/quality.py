@@ -1,5 +1,5 @@
 """
-Quality at equal parameters and equal training tokens (PARCAE.md section 9).
+Quality at equal parameters and equal training tokens (MODEL.md section 9).
 
     python bench/quality.py --data_dir=data/bench --reuse_sweep        # after bench/stability.py
     python bench/quality.py --data_dir=data/bench --budgets 8000000 24000000 --dry_run

@@ -1,5 +1,5 @@
 """
-Learning-rate sweep: which models train stably at high rates? (PARCAE.md sections 8, 9)
+Learning-rate sweep: which models train stably at high rates? (MODEL.md sections 8, 9)
 
     python bench/stability.py --data_dir=data/bench                  # small preset, one GPU, 8 runs at a time
     python bench/stability.py --data_dir=data/bench --dry_run        # the train.py commands and the budget

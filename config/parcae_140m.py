@@ -1,5 +1,5 @@
 # Parcae at the paper's 140m size: d 768, 6 heads of 128, prelude/core/coda 2/2/2,
-# μ_rec 8, μ_bwd 4, on FineWeb-Edu with the GPT-2 tokenizer; the recipe of PARCAE.md §5.
+# μ_rec 8, μ_bwd 4, on FineWeb-Edu with the GPT-2 tokenizer; the recipe of MODEL.md section 5.
 #   python prepare.py --source fineweb-edu --num_shards 14      # all of sample/10BT, ~10B tokens
 #   torchrun --nproc_per_node=8 train.py config/parcae_140m.py
 #   python sample.py --out_dir=out-parcae-140m --loops 16
