@@ -9,14 +9,15 @@ A looped ("recurrent-depth") GPT with the Parcae stable injection, in one file.
 Ā = exp(-Δ ⊙ exp(A_log)) with Δ = softplus(dt_bias) lies in (0, 1) for every value of the
 parameters, so the linearised loop cannot blow up: that is the whole trick. The same class
 builds the baselines: the plain Transformer (injection "none"), the naive looped model
-(h + e) and the Huginn-style adapter (W [h; e]). The spec is PARCAE.md; its "official" is the
-authors' release, and this file computes as the release does. Also here: RMSNorm,
+(h + e) and the Huginn-style adapter (W [h; e]). MODEL.md is the account of it; its "official" is
+the authors' release, and this file computes as the release does. Also here: RMSNorm,
 interleaved RoPE, QK-norm, ReLU² MLP, value embeddings, zero-init out-projections, per-sequence
-depths with truncated backprop through depth, and per-token adaptive exit at inference.
+depths with truncated backprop through depth, the KV cache and per-token adaptive exit at inference.
 """
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -67,30 +68,86 @@ class CausalSelfAttention(nn.Module):
         # value embeddings: a per-head gate mixes the token's own embedding (a separate table) into v
         self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
 
-    def forward(self, x, ve, cos, sin, kv=None):
+    def forward(self, x, ve, cos, sin, slot=None):
         B, L, d = x.shape
         qkv = self.c_attn(x).view(B, L, 3 * self.n_head, self.head_dim)      # the heads of q, then k, then v
         qk, v = qkv.split((2 * self.n_head, self.n_head), dim=2)
         if ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))    # (B, L, n_head), in (0, 2)
             v = v + gate.unsqueeze(-1) * ve.view_as(v).type_as(v)
-        # RoPE first, then a parameter-free RMS norm of q and k (QK-norm keeps logits tame), with
-        # PyTorch's default eps (the dtype's machine epsilon), as the release computes it; q and k in
-        # one go, then in v's dtype, as attention would cast them under autocast
+        # RoPE, then a parameter-free RMS norm of q and k (QK-norm keeps logits tame) with PyTorch's default
+        # eps, as the release computes it; q and k in one go, then in v's dtype, as autocast's attention would
         qk = F.rms_norm(apply_rotary(qk, cos, sin), (self.head_dim,)).type_as(v)
         q, k = qk.split(self.n_head, dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
-        if kv is None:
+        if slot is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:       # generation: store the new keys and values in this layer's cache slot, attend to it all
-            k_cache, v_cache, positions, mask, exited = kv
-            if exited is not None:      # a token that has left the loop keeps the keys and values it has
-                k = torch.where(exited, k_cache[:, :, positions], k)
-                v = torch.where(exited, v_cache[:, :, positions], v)
-            k_cache.index_copy_(2, positions, k.to(k_cache.dtype))     # the cache may keep another dtype
-            v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+        else:       # decoding: the slot keeps the new keys and values, and gives back all there are to see
+            k, v, mask = slot.update(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
+
+
+class KVCache:
+    """Keys and values for decoding, a CacheSlot per layer application: prelude[i], core[r][j] (layer j at
+    iteration r), coda[i]; the shared cache's core[r] are one set for all r (MODEL.md section 7). Fixed shapes,
+    for CUDA graphs: slots span the window (zeros: a masked NaN still poisons attention), the next position
+    is on the device (`pos`; `length` on the host), attention reads `span`, the filled part rounded up to `bucket`."""
+
+    def __init__(self, model, batch_size, loops=None, shared=False, bucket=256):
+        c, w = model.config, model.wte.weight
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        new = lambda previous=None: CacheSlot(self, torch.zeros(shape, dtype=dtype, device=w.device), previous)
+        self.loops, self.shared, self.bucket = model.check_loops(loops) if c.looped else 1, shared, bucket
+        self.prelude, self.coda = [new() for _ in range(c.n_prelude)], [new() for _ in range(c.n_coda)]
+        self.core = [[new() for _ in range(c.n_core)]]
+        for s in self.core[0] if shared else []:
+            s.previous = s
+        for _ in range(self.loops - 1):
+            self.core.append(self.core[0] if shared else [new(s) for s in self.core[-1]])
+        self.pos, self.length, self.max_len = torch.zeros((), dtype=torch.long, device=w.device), 0, c.block_size
+
+    def start(self, L, loops):
+        """A forward of L new tokens at `loops` begins: their positions, and which keys each of them may see."""
+        if self.length + L > self.max_len or loops > self.loops:
+            raise ValueError(f"the cache, made for {self.loops} loops, holds {self.length} of {self.max_len} "
+                             f"positions: no room for {L} more tokens at {loops} loops")
+        self.span = min(self.max_len, -(-(self.length + L) // self.bucket) * self.bucket)      # rounded up
+        self.positions = self.pos + torch.arange(L, device=self.pos.device)
+        self.mask = torch.arange(self.span, device=self.pos.device) <= self.positions[:, None]     # (L, span)
+        self.pos += L
+        self.length += L
+        return self.positions
+
+    def skip(self, r, loops):
+        """All tokens left the loop after iteration r of `loops`: the later ones' slots get those of r."""
+        for s in (s for later in self.core[r + 1:loops] for s in later if s.previous is not s):
+            s.k.index_copy_(2, self.positions, s.previous.k[:, :, self.positions])
+            s.v.index_copy_(2, self.positions, s.previous.v[:, :, self.positions])
+
+    def rollback(self, length):
+        self.pos.fill_(length)              # forget every position from `length` on (0: all of them)
+        self.length = length
+
+
+class CacheSlot:
+    """One layer application's keys and values (B, heads, window, head_dim); a core layer's `previous`: its
+    slot at the iteration before (the shared cache's: itself), whose keys and values an exited token keeps."""
+
+    def __init__(self, cache, zeros, previous=None):
+        self.cache, self.k, self.v, self.previous = cache, zeros, zeros.clone(), previous
+
+    def update(self, k, v):
+        """Write the new tokens' keys and values (B, H, L, D), an exited token's as they were; return all to see."""
+        c = self.cache
+        if self.previous is not None and c.exited is not None:      # (set by GPT.begin)
+            exited = c.exited[:, None, :, None]                 # (B, L) -> (B, H, L, D), broadcast
+            k = torch.where(exited, self.previous.k[:, :, c.positions], k)
+            v = torch.where(exited, self.previous.v[:, :, c.positions], v)
+        self.k.index_copy_(2, c.positions, k.to(self.k.dtype))      # the cache may keep another dtype
+        self.v.index_copy_(2, c.positions, v.to(self.v.dtype))
+        return self.k[:, :, :c.span], self.v[:, :, :c.span], c.mask
 
 
 class MLP(nn.Module):
@@ -115,23 +172,21 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.value_embed = nn.Embedding(config.padded_vocab_size, config.n_embd) if has_value_embed else None
 
-    def forward(self, x, idx, cos, sin, kv=None):
+    def forward(self, x, idx, cos, sin, slot=None):
         ve = self.value_embed(idx) if self.value_embed is not None else None
-        x = x + self.attn(self.norm_1(x), ve, cos, sin, kv)
+        x = x + self.attn(self.norm_1(x), ve, cos, sin, slot)
         return x + self.mlp(self.norm_2(x))
 
 # -----------------------------------------------------------------------------
 # injections: how the input embedding e enters the state h at every iteration
 
 class ParcaeInjection(nn.Module):
-    """
-    u = Ā ⊙ h + Δ ⊙ (e Bᵀ),   Δ = softplus(dt_bias),   Ā = exp(-Δ ⊙ exp(A_log)).
+    """u = Ā ⊙ h + Δ ⊙ (e Bᵀ),   Δ = softplus(dt_bias),   Ā = exp(-Δ ⊙ exp(A_log)).
 
     A = -exp(A_log) is a negative diagonal continuous-time matrix; discretising it with
     step Δ (zero-order hold) gives Ā = exp(Δ A). Since Δ > 0 and exp(A_log) > 0, the
     exponent is negative and 0 < Ā < 1 whatever A_log and dt_bias are: the state decays
-    rather than grows, so the loop is stable by construction. B̄ = Δ B is an Euler step.
-    """
+    rather than grows, so the loop is stable by construction. B̄ = Δ B is an Euler step."""
 
     def __init__(self, d):
         super().__init__()
@@ -139,8 +194,7 @@ class ParcaeInjection(nn.Module):
         # start at Δ = ln √5 so that Ā = exp(-ln √5) = 1/√5 ≈ 0.447 on every channel
         self.dt_bias = nn.Parameter(torch.full((d,), math.log(math.expm1(math.log(math.sqrt(5))))))
         self.B = nn.Linear(d, d, bias=False)
-        with torch.no_grad():
-            self.B.weight.copy_(torch.eye(d))       # B = I: e enters every channel as is
+        nn.init.eye_(self.B.weight)                 # B = I: e enters every channel as is
 
     def discretize(self):
         delta = F.softplus(self.dt_bias)
@@ -212,10 +266,9 @@ class GPTConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.n_head < 1 or self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size")
-        if self.n_embd < 32:
-            raise ValueError(f"n_embd={self.n_embd} is too small: the value-embedding gate reads 32 channels")
+        if self.n_embd < 32 or self.n_head < 1 or self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must be at least 32 (the value-embedding gate reads 32 channels) "
+                             f"and split into n_head={self.n_head} heads of even size")
         if self.looped and min(self.n_core, self.mean_loops, self.backprop_loops) < 1:
             raise ValueError("a looped model needs n_core, mean_loops and backprop_loops of at least 1")
 
@@ -237,8 +290,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        # number the unique layers prelude, core, coda; every other one, ending with
-        # the last, owns a value-embedding table (a core layer reuses its table each loop)
+        # every other layer, ending with the last, owns a value-embedding table (a core layer's serves every loop)
         ve = [i % 2 == (c.n_layer - 1) % 2 for i in range(c.n_layer)]
         self.wte = nn.Embedding(c.padded_vocab_size, c.n_embd)
         self.prelude = nn.ModuleList(Block(c, ve[i]) for i in range(c.n_prelude))
@@ -249,9 +301,8 @@ class GPT(nn.Module):
             self.injection = INJECTIONS[c.injection](c.n_embd)
             self.C = nn.Linear(c.n_embd, c.n_embd, bias=False)
         self.norm_f = RMSNorm(c.n_embd)
-        cos, sin = rotary_tables(c.n_embd // c.n_head, c.block_size)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        for name, table in zip(("cos", "sin"), rotary_tables(c.n_embd // c.n_head, c.block_size)):
+            self.register_buffer(name, table, persistent=False)
         self.state_sigma = math.sqrt(2 / (5 * c.n_embd))
         self.last_state = {}            # read-outs of the last forward's loop, see stability_stats()
         self.reset_parameters()
@@ -259,11 +310,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """The official "scaled-zero" init: orthogonal matrices at entry RMS σ, out-projections zero."""
-        sigma = self.state_sigma
-
         def orthogonal(weight, gain=1.0):
             nn.init.orthogonal_(weight)
-            weight.mul_(gain * sigma * math.sqrt(max(weight.shape)))   # each entry now has RMS gain·σ
+            weight.mul_(gain * self.state_sigma * math.sqrt(max(weight.shape)))     # each entry now has RMS gain·σ
 
         orthogonal(self.wte.weight)     # also the LM head (tied)
         for block in self.blocks():
@@ -289,90 +338,88 @@ class GPT(nn.Module):
     # forward
 
     def sample_depths(self, batch_size):
-        """Training depths T per sequence, sorted from deepest to shallowest (CPU ints)."""
+        """Training depths T per sequence (CPU ints), sorted from deepest to shallowest: which row gets which depth
+        does not matter (the windows are random), and sorted, the sequences still running are a prefix."""
         c = self.config
         if c.depth_sampling == "fixed":
             return torch.full((batch_size,), c.mean_loops)
         n = batch_size if c.depth_sampling == "per-sequence" else 1
         T = torch.poisson(torch.full((n,), float(c.mean_loops))).long().clamp(min=1)
-        # Which row gets which depth does not matter (the windows are random), so we sort:
-        # then the sequences still running at any step are a prefix of the batch.
         return T.sort(descending=True).values.expand(batch_size)
 
-    def forward(self, idx, targets=None, loops=None, depths=None, cache=None, exit_threshold=None):
-        """idx, targets: (B, L) token ids; returns (logits, loss or None). Depth: `depths` (B,) if given,
-        else `loops` for every sequence, else sampled (training) or mean_loops (evaluation). With an
-        exit_threshold (and a cache, sample.KVCache), each token loops until its state converges, at
-        most `loops` times (recur_adaptive)."""
-        c = self.config
-        B, L = idx.shape
-        if cache is None and L > c.block_size:
-            raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
-        if c.looped and loops is not None and loops < 1:      # as flops_per_token refuses it, on every path
+    def check_loops(self, loops):       # one rule for every path
+        if loops is not None and loops < 1:
             raise ValueError(f"loops={loops}: a looped model runs its core at least once")
-        positions = slice(0, L) if cache is None else cache.start(L)    # the tokens' positions
-        cos, sin = self.cos[positions], self.sin[positions]
+        return self.config.mean_loops if loops is None else loops
 
-        x = self.wte(idx)
-        for block in self.prelude:      # with a cache, each layer application gets its own slot of it
-            x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
-        if c.looped and exit_threshold is not None:
-            if cache is None:
-                raise ValueError("per-token exit needs a KV cache: exited tokens keep their keys and values there")
-            h = self.recur_adaptive(self.prelude_norm(x), idx, loops or c.mean_loops, exit_threshold, cos, sin, cache)
-            x = self.C(h).type_as(x)
-        elif c.looped:
-            if depths is None and loops is None and self.training:
-                depths = self.sample_depths(B)
-            elif depths is None:
-                depths = torch.full((B,), c.mean_loops if loops is None else loops)
+    def forward(self, idx, targets=None, loops=None, depths=None):
+        """Whole sequences idx, targets (B, L): (logits, mean loss or None). Depths: sampled in training (mode 1),
+        else `depths` (B,) if given (mode 2), else `loops` each, default mean_loops (mode 3). Cached: decode()."""
+        s, B = self.begin(idx, loops=loops), idx.size(0)
+        if self.config.looped:
+            if depths is None:
+                depths = self.sample_depths(B) if self.training and loops is None else [s.loops] * B
             depths = torch.as_tensor(depths).cpu()
             if depths.shape != (B,) or depths.min() < 1:
                 raise ValueError(f"need one depth of at least 1 per sequence, got {depths.tolist()} for {B}")
-            if cache is not None and depths.min() != depths.max():
-                raise ValueError("the KV cache needs the same number of loops for every sequence")
-            n_grad = c.backprop_loops if self.training else int(depths.max())
-            h = self.recur(self.prelude_norm(x), idx, depths, n_grad, cos, sin, cache)
-            x = self.C(h).type_as(x)      # the residual stream keeps its dtype (fp32 under autocast)
-        else:
-            for block in self.core:
-                x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
-        for block in self.coda:
-            x = block(x, idx, cos, sin, None if cache is None else cache.next_slot())
+            n_grad = self.config.backprop_loops if self.training else int(depths.max())
+            s.h = self.recur(s.e, idx, depths, n_grad, s.cos, s.sin)
+        return self.finish(s, targets)
 
+    def begin(self, idx, cache=None, loops=None, exit_threshold=None):
+        """Embedding and prelude (a plain Transformer: all but the coda), writing the cache if there is one: the
+        state s that the loop and finish() read; decoding draws h_0 here, and per-token exit keeps its record."""
+        c, L = self.config, idx.size(1)
+        if L > c.block_size:
+            raise ValueError(f"sequence of {L} tokens is longer than block_size={c.block_size}")
+        loops = self.check_loops(loops) if c.looped else 0
+        s = SimpleNamespace(idx=idx, cache=cache, loops=loops, threshold=exit_threshold)
+        positions = slice(0, L) if cache is None else cache.start(L, s.loops)    # the tokens' positions
+        s.cos, s.sin, s.x = self.cos[positions], self.sin[positions], self.wte(idx)
+        slots = [None] * c.n_layer if cache is None else [*cache.prelude, *cache.core[0]]
+        for block, slot in zip([*self.prelude, *([] if c.looped else self.core)], slots):
+            s.x = block(s.x, idx, s.cos, s.sin, slot)
+        s.e = self.prelude_norm(s.x) if c.looped else None
+        if cache is not None:           # (the cache reads `exited` too: an exited token keeps its keys and values)
+            s.h, exiting = self.initial_state(s.e) if s.loops else None, exit_threshold is not None
+            s.exited = cache.exited = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device) if exiting else None
+            s.used = torch.zeros(idx.shape, device=idx.device) if exiting else None
+        return s
+
+    def finish(self, s, targets=None):
+        """C h_T, the coda and the head: (logits, loss or None)."""
+        x = self.C(s.h).type_as(s.x) if self.config.looped else s.x    # the residual stream keeps its dtype
+        for block, slot in zip(self.coda, [None] * self.config.n_coda if s.cache is None else s.cache.coda):
+            x = block(x, s.idx, s.cos, s.sin, slot)
         return self.head(x, targets)
 
     def head(self, x, targets=None):
         """Logits (tied head, logit scale 1) and, given targets, the mean cross-entropy in fp32. Compiled
         (train.py), the fp32 upcast fuses into the log-softmax: no fp32 copy of the (B, L, 50k) logits."""
         logits = F.linear(self.norm_f(x), self.wte.weight)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def recur(self, e, idx, depths, n_grad, cos, sin, cache=None):
-        """Run the core blocks depths[b] times on sequence b, injecting e at every iteration.
-
-        The iterations are right-aligned: all sequences finish on the last step, and one of depth T
-        joins at step T_max - T. Gradient is on only for the last n_grad steps, so each sequence
-        backpropagates through its last min(T, n_grad) iterations (truncated backprop through depth);
-        the earlier ones run under no_grad and keep no activations. e always carries gradient back
-        to the prelude. Sorted by depth, the running sequences are a prefix h[:m]: every step
-        computes only those, instead of padding them all to the deepest."""
+    def recur(self, e, idx, depths, n_grad, cos, sin):
+        """Run the core blocks depths[b] times on sequence b, injecting e at every iteration. The iterations are
+        right-aligned: all sequences finish on the last step, and one of depth T joins at step T_max - T. Gradient
+        is on only for the last n_grad steps, so each sequence backpropagates through its last min(T, n_grad)
+        iterations (truncated backprop through depth); the earlier ones run under no_grad and keep no activations. e
+        always carries gradient back to the prelude. Sorted by depth, the running sequences are a prefix h[:m]:
+        every step computes only those, instead of padding them all to the deepest."""
         depths, order = depths.sort(descending=True, stable=True)
         permuted = not torch.equal(order, torch.arange(len(order)))
         h = self.initial_state(e)
         if permuted:
             order = order.to(e.device)
             e, idx, h = e[order], idx[order], h[order]
-        T_max = int(depths[0])
-        norms = []
+        T_max, norms = int(depths[0]), []
         for step in range(T_max):
             m = int((depths >= T_max - step).sum())     # sequences running at this step
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= T_max - n_grad):
                 h_prev = h
-                u = self.core_iteration(h[:m], e[:m], idx[:m], cos, sin, cache)
+                u = self.core_iteration(h[:m], e[:m], idx[:m], cos, sin)
                 h = u if m == len(h) else torch.cat([u, h[m:]])
             norms.append(u.detach().float().norm(dim=-1).mean())
         # cheap stability read-outs, kept as tensors: no host sync until someone logs them
@@ -380,38 +427,42 @@ class GPT(nn.Module):
         self.last_state = {"norms": norms, "residual": residual}
         return h[torch.argsort(order)] if permuted else h
 
-    def core_iteration(self, h, e, idx, cos, sin, cache=None):
-        """One iteration of the loop, h <- core_blocks(inject(h, e)). (train.py replays it as a CUDA graph
-        where it runs without gradient: see train.GraphedIterations.)"""
+    def core_iteration(self, h, e, idx, cos, sin, slots=None):
+        """One iteration of the loop, h <- core_blocks(inject(h, e)), decoding writing the cache slots of its core
+        layers if given. (train.py replays it as a CUDA graph where it runs without gradient: GraphedIterations.)"""
         u = self.injection(h, e)
-        for block in self.core:
-            u = block(u, idx, cos, sin, None if cache is None else cache.next_slot())
+        for block, slot in zip(self.core, slots or [None] * len(self.core)):
+            u = block(u, idx, cos, sin, slot)
         return u
 
+    # -------------------------------------------------------------------------
+    # decoding through a KV cache: fixed loops (mode 4) or per-token exit (mode 5)
+
     @torch.no_grad()
-    def recur_adaptive(self, e, idx, loops, threshold, cos, sin, cache):
-        """Inference with per-token exit: token i stops once its state stops moving,
-        ‖h_t - h_(t-1)‖ / ‖h_t‖ < threshold, or after `loops` iterations. Its state then stays as it
-        is, and so do its keys and values: in every later core slot it holds those of its last
-        iteration (KVCache.next_slot copies them forward), so a token that loops further attends to
-        it as it was when it stopped. Every row is computed until all have exited; at decoding batch
-        sizes the matmuls cost the time of reading the weights, so dropping rows would save nothing."""
-        h = self.initial_state(e)
-        exited = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)    # (B, L)
-        used = torch.zeros(h.shape[:2], device=h.device)                         # iterations per token
-        for step in range(loops):
-            u = self.injection(h, e)
-            for block in self.core:     # (before the first iteration no token has exited)
-                u = block(u, idx, cos, sin, cache.next_slot(exited if step else None))
-            change = (u - h).float().norm(dim=-1) / u.float().norm(dim=-1)
-            h = torch.where(exited[..., None], h, u)
-            used += ~exited
-            exited |= change < threshold
-            if exited.all():            # a host sync each iteration: no CUDA graph can hold this loop
-                cache.skip(loops - step - 1)
+    def decode(self, idx, cache, loops=None, exit_threshold=None):
+        """Logits (B, L, vocab) of new tokens idx (B, L) after those the cache holds, which keeps their keys and
+        values: `loops` iterations each (default mean_loops), or with an exit_threshold at most that many."""
+        s = self.begin(idx, cache, loops, exit_threshold)
+        for r in range(s.loops):
+            if self.decode_iteration(s, r):     # a host sync: has every token exited?
+                cache.skip(r, s.loops)
                 break
-        self.last_state = {"loops_per_token": used}
-        return h
+        self.last_state = {"loops_per_token": s.used}
+        return self.finish(s)[0]
+
+    def decode_iteration(self, s, r):
+        """Core iteration r of decoding state s and, under per-token exit, the whole rule: token i leaves the loop
+        once ‖h_r - h_(r-1)‖ / ‖h_r‖ < threshold, and its state, keys and values (CacheSlot.update) then stay as
+        they are. Every row runs until all have exited (MODEL.md section 7): returns whether they have."""
+        u = self.core_iteration(s.h, s.e, s.idx, s.cos, s.sin, s.cache.core[r])
+        if s.threshold is None:
+            s.h = u
+            return False
+        change = (u - s.h).float().norm(dim=-1) / u.float().norm(dim=-1)
+        s.h.copy_(torch.where(s.exited[..., None], s.h, u))     # in place: the state a CUDA graph replays
+        s.used += ~s.exited
+        s.exited |= change < s.threshold
+        return s.exited.all()
 
     def initial_state(self, e):
         if self.config.init_state == "zero":
@@ -421,27 +472,20 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stability_stats(self):
-        """‖h‖ after each step of the last forward's loop (mean per-token L2 norm over the sequences
-        running at that step), its last value ‖h_T‖, the last-step residual ‖h_T - h_(T-1)‖ / ‖h_T‖,
-        and max / mean of Ā (for "linear": W_x's top singular value; "add": 1). {} without a loop."""
+        """‖h‖ after each step of the last forward's loop (mean per-token L2 norm over the sequences running then),
+        ‖h_T‖, the last residual ‖h_T - h_(T-1)‖ / ‖h_T‖ and max / mean of Ā (linear: W_x's top singular value)."""
         if not self.config.looped or "norms" not in self.last_state:
             return {}
         norms = [n.item() for n in self.last_state["norms"]]
-        stats = {"state_norm": norms[-1], "state_norms": norms, "residual": self.last_state["residual"].item()}
-        stats.update({k: v.item() for k, v in self.injection.transition_stats().items()})
-        return stats
+        return {"state_norm": norms[-1], "state_norms": norms, "residual": self.last_state["residual"].item(),
+                **{k: v.item() for k, v in self.injection.transition_stats().items()}}
 
     def flops_per_token(self, seq_len=None, loops=None, backward=True):
         """Matmul FLOPs per token: 2 per weight a token meets (value-embedding lookups cost none) plus the
         causal half of attention's QKᵀ and AV over seq_len keys. The forward runs the core `loops` times
         (default mean_loops). With backward, training's count: the backward costs 2 × the forward of what
         carries gradient, so of the loop only the last backprop_loops iterations count three times."""
-        c = self.config
-        T = c.mean_loops if loops is None else loops
-        if c.looped and T < 1:
-            raise ValueError(f"loops={T}: a looped model runs its core at least once")
-        L = c.block_size if seq_len is None else seq_len
-
+        c, L = self.config, self.config.block_size if seq_len is None else seq_len
         def cost(*modules):     # 2 per 2-D weight (no value-embedding table), and each block's attention
             weights = sum(p.numel() for m in modules for n, p in m.named_parameters()
                           if p.dim() == 2 and "value_embed" not in n)
@@ -449,9 +493,8 @@ class GPT(nn.Module):
 
         head = 2 * c.n_embd * c.padded_vocab_size       # tied with wte, whose lookup costs nothing
         if not c.looped:
-            forward = cost(*self.blocks()) + head
-            return 3 * forward if backward else forward
-        once = cost(*self.prelude, self.C, *self.coda) + head
-        loop = cost(*self.core, self.injection)
+            return (3 if backward else 1) * (cost(*self.blocks()) + head)
+        T = self.check_loops(loops)
+        once, loop = cost(*self.prelude, self.C, *self.coda) + head, cost(*self.core, self.injection)
         forward = once + T * loop
         return forward + 2 * (once + min(c.backprop_loops, T) * loop) if backward else forward

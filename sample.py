@@ -1,9 +1,11 @@
 """
 Sample from a model trained by train.py, looping its core as many times as you like.
-generate() is the decoding loop: prefill, then one new token at a time with the KV cache.
+generate() is the decoding loop: prefill, then one new token at a time with the KV cache (model.py),
+or a few at a time by self-speculative decoding (--draft_loops).
 
     python sample.py                                 # out/ckpt.pt, the model's mean_loops
     python sample.py --loops 16 --start "def main():"
+    python sample.py --loops 16 --draft_loops 4 --start "def main():"     # the same text, sooner
     python sample.py --out_dir=out-parcae-350m --loops 1 --start FILE:prompt.txt
     python sample.py --init_from=SandyResearch/parcae-140m --loops 16 --start "The sea"
 
@@ -19,143 +21,209 @@ import torch
 import torch.nn.functional as F
 
 import train
+from model import KVCache
 from prepare import load_tokenizer
 
 
-class KVCache:
+class Decoder:
     """
-    Keys and values for decoding, one slot per layer application, handed out in the order the layers
-    run (next_slot). The full cache (the release's) gives every application its own slot: prelude
-    layer i, core layer j at iteration r, coda layer i, so its memory grows linearly with the loops.
-    The shared cache (shared=True) gives core layer j one slot that every iteration overwrites, so its
-    memory does not depend on the loops; a later token then sees an earlier token's keys and values
-    of its last iteration only, whatever iteration it is at itself. The two agree at one loop.
-
-    Shapes never change, so a decoding step can be recorded once as a CUDA graph and replayed, and a
-    compiled block needs no Python state: each slot spans the window, a mask hides the positions not
-    written yet, and the next position lives on the device (`pos`, advanced in place); `length`
-    counts the same positions on the host. Keys and values are bf16 under autocast, else the weights'
-    dtype, unless `dtype` says otherwise.
+    Decoding steps through one KV cache: decoder(tokens, loops) gives the logits (B, L, vocab) of tokens
+    (B, L) that follow those the cache holds. On a GPU, a step of a new kind (its tokens, its loops, the
+    span of the cache it reads) runs once from Python and is then recorded as a CUDA graph, which the
+    steps of its kind replay: at batch 1 a step is hundreds of tiny kernels, too many to launch one by one
+    from Python. Under per-token exit the loop ends on a test on the host, which no graph can hold, so the
+    phases are recorded apart (the prelude; each core iteration, or one that every iteration replays with
+    the shared cache; the coda and head) and the host reads the exit flag after each iteration.
+    `used`: the loops that each token of the last step ran, under exit.
     """
 
-    def __init__(self, model, batch_size, loops=None, shared=False, dtype=None):
-        c, device = model.config, model.wte.weight.device
-        if dtype is None:
-            autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else model.wte.weight.dtype
-        loops = (loops or c.mean_loops) if c.looped else 1
-        P, R = c.n_prelude, c.n_core
-        core = R if shared else loops * R                   # the core's slots
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        # zeros, not garbage: a masked-out NaN would still poison the attention
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(P + core + c.n_coda)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(P + core + c.n_coda)]
-        # the slot of each layer application, in the order they run
-        self.order = [*range(P), *(P + i % core for i in range(loops * R)), *range(P + core, P + core + c.n_coda)]
-        self.n_core = R
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.max_len, self.length = c.block_size, 0
-        self.applied = 0
-        self.positions = self.mask = None       # of the forward under way
+    def __init__(self, model, cache, exit_threshold=None, cuda_graph=True):
+        self.model, self.cache, self.threshold, self.used = model, cache, exit_threshold, None
+        self.graphs = {} if cuda_graph and cache.pos.is_cuda else None
 
-    def start(self, L):
-        """A forward of L new tokens begins: their positions, and which keys each of them may see."""
-        if self.length + L > self.max_len:
-            raise ValueError(f"the cache holds {self.length} of {self.max_len} positions, no room for {L} more")
-        device = self.pos.device
-        self.applied, self.positions = 0, self.pos + torch.arange(L, device=device)
-        self.mask = torch.arange(self.max_len, device=device) <= self.positions[:, None]     # (L, max_len)
-        self.pos += L
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            self.length += L        # (recording a CUDA graph runs nothing: its replays count themselves)
-        return self.positions
+    def __call__(self, tokens, loops, graph=True):
+        if self.graphs is None or not graph:
+            logits = self.model.decode(tokens, self.cache, loops, self.threshold)
+            self.used = self.model.last_state["loops_per_token"]
+            return logits
+        key = (tokens.size(1), loops, (self.cache.length + tokens.size(1) - 1) // self.cache.bucket)   # (its span)
+        if key in self.graphs:
+            tokens_in, replay = self.graphs[key]
+            tokens_in.copy_(tokens)
+            return replay()
+        tokens_in, length = tokens.clone(), self.cache.length     # the graphs' input, at a fixed address
+        logits = self.warm_up(tokens_in, loops)
+        self.graphs[key] = tokens_in, (self.record if self.threshold is None else self.record_phases)(tokens_in, loops)
+        self.cache.length = length + tokens.size(1)     # the warm-up's: recording ran nothing
+        return logits
 
-    def next_slot(self, exited=None):
-        """
-        The next layer application's (k, v, positions, mask, exited): its block writes the new keys and
-        values into k and v at `positions`, in place, then attends to all of k and v through `mask`.
-        exited (B, L), for a core layer under per-token exit (GPT.recur_adaptive): the tokens that have
-        left the loop. They keep what the slot holds at their position, so first this layer's keys and
-        values of the previous iteration are copied there (the shared cache holds them already).
-        """
-        if self.applied == len(self.order):
-            raise ValueError(f"the cache has slots for {len(self.order)} layer applications: more loops than "
-                             "it was made for (make a new one: KVCache(model, batch_size, loops))")
-        slot = self.order[self.applied]
-        if exited is not None:
-            self.carry_forward(slot, self.order[self.applied - self.n_core])
-            exited = exited[:, None, :, None]           # (B, heads, L, head_dim), broadcast
-        self.applied += 1
-        return self.k[slot], self.v[slot], self.positions, self.mask, exited
+    def warm_up(self, tokens, loops):
+        """The step itself, from Python, on a side stream as PyTorch asks of a CUDA graph's warm-up. The
+        cache's host-side length is then set back, so that recording sees the step as it began (its span,
+        its room in the cache); recording counts it again, replays count their own."""
+        side, length = torch.cuda.Stream(), self.cache.length
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self.model.decode(tokens, self.cache, loops, self.threshold)
+            self.used = self.model.last_state["loops_per_token"]
+        torch.cuda.current_stream().wait_stream(side)
+        self.cache.length = length
+        return logits
 
-    def carry_forward(self, slot, previous):
-        if slot != previous:
-            for kv in (self.k, self.v):
-                kv[slot].index_copy_(2, self.positions, kv[previous][:, :, self.positions])
+    def record(self, tokens, loops):
+        """A whole decoding step as one graph; returns what replays it. Where the blocks are not compiled
+        and a weight is fp32 (the tied head; every weight without bf16_weights), the graph reads the bf16
+        copy that autocast cast and cached during the warm-up: it lives as long as the caller's autocast
+        block, which encloses all of generate()."""
+        graph, logits = capture(lambda: self.model.decode(tokens, self.cache, loops))
 
-    def skip(self, iterations):
-        """Every token has left the loop with `iterations` to go: their core slots get, at this
-        forward's positions, the keys and values of the last iteration run."""
-        for _ in range(iterations * self.n_core):
-            self.carry_forward(self.order[self.applied], self.order[self.applied - self.n_core])
-            self.applied += 1
+        def replay():
+            graph.replay()                          # writes the cache and `logits` in place
+            self.cache.length += tokens.size(1)     # the host-side bookkeeping of a step, which a replay skips
+            return logits
+        return replay
 
-    def reset(self):
-        """Forget every position: the next forward starts the window again at position 0."""
-        self.pos.zero_()
-        self.length = 0
+    def record_phases(self, tokens, loops):
+        """A decoding step under per-token exit as graphs of its phases; returns what replays them."""
+        m, cache = self.model, self.cache
+        one = cache.shared or loops == 1            # then every iteration reads and writes the same slots
+        start, s = capture(lambda: m.begin(tokens, cache, loops, self.threshold))
+        iterations = [capture(lambda r=r: m.decode_iteration(s, r)) for r in range(1 if one else loops)]
+        skips = [] if one else [capture(lambda r=r: cache.skip(r, loops))[0] for r in range(loops - 1)]
+        finish, logits = capture(lambda: m.finish(s)[0])
+
+        def replay():
+            start.replay()
+            for r in range(loops):
+                graph, all_exited = iterations[0 if one else r]
+                graph.replay()
+                if r < loops - 1 and all_exited.item():        # the host reads the exit flag: a sync
+                    if skips:
+                        skips[r].replay()
+                    break
+            finish.replay()
+            cache.length += tokens.size(1)
+            self.used = s.used
+            return logits
+        return replay
+
+
+def capture(step):
+    """Record step() as a CUDA graph, which runs nothing: the graph, and the tensors its replays write."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None, cuda_graph=True,
-             exit_threshold=None, shared_cache=False, stats=None):
+             exit_threshold=None, shared_cache=False, draft_loops=None, draft_tokens=4, stats=None):
     """
     Sample max_new_tokens after the prompt idx (B, L0), looping the core `loops` times (default: the
     model's mean_loops). The prompt is prefilled in one pass; then each new token costs one position
-    through every layer application, thanks to the KV cache. On a GPU that decoding step is recorded
-    once as a CUDA graph and replayed: at batch 1 it is hundreds of tiny kernels, too many to launch
-    one by one from Python. With an exit_threshold, each token loops only until its state converges
-    (at most `loops` times); the loop then ends on a host-side test, which a graph cannot replay, so
-    decoding launches its kernels from Python. stats, a dict, receives "loops_per_token" (B, new tokens).
+    through every layer application, thanks to the KV cache, in steps that a GPU replays as CUDA graphs
+    (Decoder). With an exit_threshold, each token loops only until its state converges, at most `loops`
+    times. With draft_loops K, self-speculative decoding: rounds of draft_tokens tokens drafted at K loops
+    and verified at `loops` (speculate). stats, a dict, receives "loops_per_token" (B, new tokens) under
+    exit; with draft_loops, "rounds" of speculation, "drafted" tokens and those "accepted".
     """
     was_training = model.training
     model.eval()
     c = model.config
-    loops = c.mean_loops if loops is None else loops
+    loops = model.check_loops(loops) if c.looped else 1
+    if draft_loops is not None and not (c.looped and 1 <= draft_loops < loops and exit_threshold is None):
+        raise ValueError(f"draft_loops={draft_loops}: self-speculative decoding drafts at fewer loops than the "
+                         f"{loops} it verifies at, and at least 1, in a looped model, without exit_threshold")
+    if exit_threshold is not None and not c.looped:
+        raise ValueError("a plain Transformer has no loop to exit early: drop exit_threshold")
+    if draft_loops is not None and shared_cache:
+        # a token decoded alone sees, in the shared cache, the last iteration of every token before it;
+        # verified together, it would see the drafts' keys of its own iteration: other logits
+        raise ValueError("self-speculative decoding needs the full KV cache (the shared one gives other tokens)")
     cache = KVCache(model, idx.size(0), loops, shared=shared_cache)      # bf16 under autocast
-    token = idx[:, -1:].clone()         # the decoding step's input, at a fixed address for the graph
-    used = []                           # loops run by each new token, under exit_threshold
-
-    def forward(tokens):                # the logits of the token after `tokens`
-        logits = model(tokens, loops=loops, cache=cache, exit_threshold=exit_threshold)[0][:, -1]
-        if exit_threshold is not None:
-            used.append(model.last_state["loops_per_token"][:, -1])
-        return logits
-
-    decode = None                       # once recorded: the CUDA graph of a decoding step
-    logits = forward(idx[:, -c.block_size:])            # the prompt, in one pass
-    for i in range(max_new_tokens):
-        logits = logits[:, :c.vocab_size].float() / max(temperature, 1e-6)
-        if top_k:                       # None or 0: every token may be drawn
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        token.copy_(torch.multinomial(F.softmax(logits, dim=-1), num_samples=1))
-        idx = torch.cat([idx, token], dim=1)
-        if i == max_new_tokens - 1:
+    decode = Decoder(model, cache, exit_threshold, cuda_graph)
+    pick = lambda logits: probabilities(logits[..., :c.vocab_size], temperature, top_k)
+    used, n_prompt = [], idx.size(1)
+    p = pick(decode(idx[:, -c.block_size:], loops, graph=False)[:, -1])      # the prompt, in one pass
+    while True:
+        new = torch.multinomial(p, 1) if p is not None else new
+        idx = torch.cat([idx, new], dim=1)
+        if decode.used is not None:
+            used.append(decode.used[:, -new.size(1):].clone())
+        if idx.size(1) - n_prompt >= max_new_tokens:
             break
         if cache.length == c.block_size:    # the window is full: start again from the last half of the text
-            cache.reset()
-            logits = forward(idx[:, -(c.block_size // 2):])
-        elif decode is not None:
-            logits = decode()
-        elif cuda_graph and idx.is_cuda and exit_threshold is None:
-            logits, decode = record_cuda_graph(lambda: forward(token), cache)
+            cache.rollback(0)
+            p = pick(decode(idx[:, -(c.block_size // 2):], loops, graph=False)[:, -1])
+        elif draft_loops is not None:       # a few new tokens at once, drawn as plain steps would draw them;
+            # a whole round even at the end (the tokens past max_new_tokens are dropped), so that the rounds
+            # have one shape, and one CUDA graph each for drafting and verifying, until the window fills
+            n = min(draft_tokens, c.block_size - cache.length - 1)
+            new, p = speculate(decode, idx, loops, draft_loops, n, pick, stats), None
         else:
-            logits = forward(token)
+            p = pick(decode(idx[:, -1:], loops)[:, -1])
     model.train(was_training)
     if stats is not None and used:
-        stats["loops_per_token"] = torch.stack(used, dim=1)
-    return idx
+        stats["loops_per_token"] = torch.cat(used, dim=1)
+    return idx[:, :n_prompt + max_new_tokens]
+
+
+def probabilities(logits, temperature, top_k):
+    """The distribution that the next token is drawn from (temperature 0: the likeliest token)."""
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k:                           # None or 0: every token may be drawn
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return F.softmax(logits, dim=-1)
+
+
+def speculate(decode, idx, loops, draft_loops, n, pick, stats=None):
+    """
+    One round of self-speculative decoding: a looped model at fewer loops is its own draft model. The
+    last token of idx, which the cache does not hold yet, and n drafts after it, each drawn at
+    draft_loops, go through the verifier at `loops` in one forward; on a GPU at small batch that costs
+    about as much as one token, since it reads the same weights. accept() keeps the drafts that the
+    verifier would have drawn and adds one token of its own; the cache then forgets the others.
+    Returns the new tokens (B, 1 ... n + 1).
+    """
+    start, token, drafts, q = decode.cache.length, idx[:, -1:], [], []
+    for _ in range(n):
+        q.append(pick(decode(token, draft_loops)[:, -1]))
+        token = torch.multinomial(q[-1], 1)
+        drafts.append(token)
+    drafts = torch.cat([idx[:, :0], *drafts], dim=1)
+    decode.cache.rollback(start)                    # the verifier writes its own keys and values there
+    p = pick(decode(torch.cat([idx[:, -1:], drafts], dim=1), loops))        # (B, n + 1, vocab)
+    new = accept(p, torch.stack(q, dim=1) if q else p[:, :0], drafts)
+    decode.cache.rollback(start + new.size(1))      # the last token and the kept drafts stay
+    if stats is not None:
+        for key, count in (("rounds", 1), ("drafted", n), ("accepted", new.size(1) - 1)):
+            stats[key] = stats.get(key, 0) + count
+    return new
+
+
+def accept(p, q, drafts):
+    """
+    The rule of speculative sampling (Leviathan et al. 2023; Chen et al. 2023). Draft i, drawn from q_i,
+    is kept with probability min(1, p_i(d_i) / q_i(d_i)); the first one rejected is replaced by a draw
+    from max(0, p_i - q_i), normalised; if all are kept, one more token is drawn from p_(n+1). Each token
+    is then drawn from p given the ones before it, whatever q is. p (B, n + 1, vocab) are the verifier's
+    distributions, q (B, n, vocab) the drafts', drafts (B, n). Every row keeps m drafts, as many as the
+    row that keeps fewest, then one token: the draft it kept there, or its replacement. (Whether a row
+    goes on past a token depends only on the tokens drawn so far, so each row still stops at a stopping
+    time, and its tokens are still drawn from p.) Returns the new tokens (B, m + 1).
+    """
+    n = drafts.size(1)
+    p_d, q_d = (t[:, :n].gather(-1, drafts[..., None])[..., 0] for t in (p, q))
+    kept = torch.rand_like(p_d) * q_d < p_d                 # u < p/q (q_d > 0: the draft was drawn from it)
+    m = int(kept.long().cumprod(dim=1).sum(dim=1).min()) if n else 0
+    if m == n:
+        return torch.cat([drafts, torch.multinomial(p[:, n], 1)], dim=1)
+    residual = (p[:, m] - q[:, m]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, m])  # p = q only where kept
+    last = torch.where(kept[:, m:m + 1], drafts[:, m:m + 1], torch.multinomial(residual, 1))
+    return torch.cat([drafts[:, :m], last], dim=1)
 
 
 def bf16_weights(model):
@@ -180,30 +248,6 @@ def bf16_weights(model):
     return model
 
 
-def record_cuda_graph(step, cache):
-    """
-    Run step() (one decoding step), then record it as a CUDA graph, which runs nothing. Returns the
-    output and a function that replays the graph: the same kernels on the same memory, launched at
-    once. Where the blocks are not compiled and a weight is fp32 (the tied head; every weight without
-    bf16_weights), the graph reads the bf16 copy that autocast cast and cached during the eager steps;
-    it lives as long as the caller's autocast block, which encloses all of generate().
-    """
-    side = torch.cuda.Stream()          # PyTorch asks for the warm-up on a side stream
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        recorded = step()
-
-    def replay():
-        graph.replay()                  # writes the cache and `recorded` in place
-        cache.length += 1               # the host-side bookkeeping of a step, which a replay skips
-        return recorded
-    return out, replay
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="the folder holding ckpt.pt (train.py's out_dir)")
@@ -224,6 +268,8 @@ def main(argv=None):
                    "changes by less than this (relative), at most --loops times; e.g. 0.01 (README: adaptive exit)")
     p.add_argument("--kv_cache", choices=("full", "shared"), default="full", help="full: one slot per layer "
                    "application (memory grows with the loops); shared: one per core layer, whatever the loops")
+    p.add_argument("--draft_loops", type=int, help="self-speculative decoding: draft a few tokens at this many "
+                   "loops, fewer than --loops, and verify them at once at --loops (README: speculative decoding)")
     p.add_argument("--compile", action="store_true", help="torch.compile blocks, injection and head first, as "
                    "train.py does: compiling takes a while, then decoding is faster on a GPU (README: generation)")
     args = p.parse_args(argv)
@@ -245,8 +291,15 @@ def main(argv=None):
         meta = ckpt.get("meta") or {}
         if "tokenizer" not in meta:
             raise SystemExit(f"{path} does not say which tokenizer its data used; retrain it with this train.py")
-    if args.exit_threshold is not None and not model.config.looped:
-        raise SystemExit(f"{path} holds a plain Transformer: it has no loop to exit early (drop --exit_threshold)")
+    if not model.config.looped and (args.exit_threshold is not None or args.draft_loops is not None):
+        raise SystemExit(f"{path} holds a plain Transformer: it has no loop to exit early or to draft with "
+                         "(drop --exit_threshold and --draft_loops)")
+    loops = args.loops or model.config.mean_loops
+    if args.draft_loops is not None and not 1 <= args.draft_loops < loops:
+        raise SystemExit(f"--draft_loops must be at least 1 and fewer than the {loops} loops it verifies at")
+    if args.draft_loops is not None and (args.exit_threshold is not None or args.kv_cache == "shared"):
+        raise SystemExit("--draft_loops needs fixed loops and the full cache (drop --exit_threshold and "
+                         "--kv_cache shared): verified together, tokens would see other keys than decoded alone")
 
     encode, decode = load_tokenizer(meta, folder if os.path.isdir(folder) else None)
     device = train.pick_device(args.device, local_rank=0)
@@ -278,14 +331,16 @@ def main(argv=None):
     with autocast:
         out = generate(model, idx, args.max_new_tokens, loops=args.loops, temperature=args.temperature,
                        top_k=args.top_k, cuda_graph=not args.no_cuda_graph, exit_threshold=args.exit_threshold,
-                       shared_cache=args.kv_cache == "shared", stats=stats)
+                       shared_cache=args.kv_cache == "shared", draft_loops=args.draft_loops, stats=stats)
     for row in out.tolist():
         print(decode(row if start else row[1:]))
         print("-" * 40)
     if "loops_per_token" in stats:
-        cap = args.loops or model.config.mean_loops
         print(f"adaptive exit at {args.exit_threshold:g}: {stats['loops_per_token'].float().mean().item():.2f} "
-              f"loops per token on average (at most {cap})")
+              f"loops per token on average (at most {loops})")
+    if stats.get("drafted"):
+        print(f"self-speculative decoding, drafts at {args.draft_loops} loops: {stats['accepted']} of "
+              f"{stats['drafted']} drafted tokens kept ({100 * stats['accepted'] / stats['drafted']:.0f} %)")
 
 
 if __name__ == "__main__":

@@ -424,9 +424,9 @@ class GraphedIterations:
     def __init__(self, iteration):
         self.iteration, self.graphs, self.pool = iteration, {}, None
 
-    def __call__(self, h, e, idx, cos, sin, cache=None):
-        if torch.is_grad_enabled() or cache is not None or not h.is_cuda:
-            return self.iteration(h, e, idx, cos, sin, cache)
+    def __call__(self, h, e, idx, cos, sin, slots=None):
+        if torch.is_grad_enabled() or slots is not None or not h.is_cuda:
+            return self.iteration(h, e, idx, cos, sin, slots)
         inputs = (h, e, idx, cos, sin)
         key = tuple((x.shape, x.dtype) for x in inputs) + (torch.is_autocast_enabled("cuda"),)
         if key not in self.graphs:

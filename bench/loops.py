@@ -18,6 +18,11 @@ means the loss is flat after the first loop or two.
 Non-finite losses (a loop that blew up) are shown but left out of the fit.
 Writes loops.json, loops.md and loops.png to --results_dir.
 
+--speculative measures self-speculative decoding (sample.py --draft_loops) on --checkpoints instead:
+tokens/s at batch 1 against plain decoding at each --loops (default 16), both replayed as CUDA graphs,
+and the acceptance rate by draft depth K (--draft_loops) and drafts per verify (--draft_tokens);
+writes speculative.json and speculative.md.
+
 --adaptive measures per-token exit (sample.py --exit_threshold) on --checkpoints instead, up to
 --cap loops (default 2·μ_rec), and writes adaptive.json, adaptive.md and adaptive.png:
   - the validation loss and mean loops per token of the real adaptive forward at each of
@@ -29,8 +34,10 @@ Writes loops.json, loops.md and loops.png to --results_dir.
     which needs the coda and the head at every iteration; costs are forward MFLOPs per token;
   - what the shared KV cache costs: the loss of decoding token by token with each cache, at μ_rec
     and at the cap (--decode_batches batches);
-  - on a GPU, decoding speed at batch 1: fixed depths (a CUDA graph, or launched from Python) and
-    adaptive exit, which must launch from Python (its loop ends on a host-side test).
+  - on a GPU, decoding speed at batch 1 and 8: fixed depths μ_rec and the cap, and adaptive exit at
+    the fewest loops within 0.01 nats of T = μ_rec, with each cache, all replayed as CUDA graphs (under
+    exit, one per phase; the host reads the exit flag after each iteration), and adaptive exit launched
+    from Python.
 """
 
 import dataclasses
@@ -44,14 +51,15 @@ from types import SimpleNamespace
 import matplotlib
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import common  # noqa: E402
-import sample  # noqa: E402  (its KV cache)
-from model import GPT  # noqa: E402
+import sample  # noqa: E402  (its generate)
 import train  # noqa: E402  (its evaluation, and its checkpoint reading)
+from model import GPT, KVCache  # noqa: E402
 
 
 def main(argv=None):
@@ -67,12 +75,20 @@ def main(argv=None):
     p.add_argument("--cap", type=common.at_least(1), help="--adaptive: the most loops a token may run (default 2·μ_rec)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002],
                    help="--adaptive: exit thresholds ε on the relative state change")
-    p.add_argument("--decode_batches", type=common.at_least(1), default=2, help="--adaptive: batches decoded token by token per "
-                   "cache mode and depth")
+    p.add_argument("--speculative", action="store_true", help="measure self-speculative decoding instead, at each "
+                   "of --loops (default 16) against plain decoding, batch 1")
+    p.add_argument("--draft_loops", nargs="+", type=common.at_least(1), default=[1, 2, 4, 8],
+                   help="--speculative: draft depths K")
+    p.add_argument("--draft_tokens", nargs="+", type=common.at_least(1), default=[2, 4, 6],
+                   help="--speculative: drafts per verify")
+    p.add_argument("--decode_batches", type=common.at_least(1), default=2, help="--adaptive: batches decoded token "
+                   "by token per cache mode and depth")
     args = common.finish_args(p.parse_args(argv))
     args.command = common.command(__file__, argv)
     if args.adaptive:
         return adaptive_main(args)
+    if args.speculative:
+        return speculative_main(args)
     loops = sorted(args.loops or args.preset["loops"])
     batches = args.batches or args.preset["loop_batches"]
     checkpoints = [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args)
@@ -242,8 +258,11 @@ def adaptive_main(args):
                   f"loss {d['loss']:.4f}", flush=True)
         r["claim"] = adaptive_claim(r)
         if device.type == "cuda":
-            eps = (r["claim"]["best"] or r["adaptive"][-1])["threshold"]
-            r["speed"] = decoding_speed(model, args.data_dir, settings, mu, cap, eps, device)
+            r["speed_threshold"] = (r["claim"]["best"] or r["adaptive"][-1])["threshold"]
+            x, _ = val_batch(args.data_dir, settings, model, 0, device)
+            r["speed"] = decoding_speed(model, x, mu, cap, r["speed_threshold"])
+            r["speed_note"] = TIMING
+            r["speed_claim"] = speed_claim(r)
         results["models"].append(r)
         del model
     print(common.write_results(args.results_dir, "adaptive", results, adaptive_markdown))
@@ -267,10 +286,10 @@ def adaptive_loss(model, data_dir, settings, cap, eps, batches, device):
     single forward reads only keys and values written in it, so the small shared cache serves."""
     losses, loops = [], []
     for x, y in batches_of(data_dir, settings, model, batches, device):
-        cache = sample.KVCache(model, len(x), cap, shared=True)
+        cache = KVCache(model, len(x), cap, shared=True)
         with autocast_for(device):
-            _, loss = model(x, y, loops=cap, cache=cache, exit_threshold=eps)
-        losses.append(loss.item())
+            logits = model.decode(x, cache, cap, exit_threshold=eps)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1).item())
         loops.append(model.last_state["loops_per_token"].mean().item())
     return {"threshold": eps, "loss": float(np.mean(losses)), "mean_loops": float(np.mean(loops))}
 
@@ -345,36 +364,72 @@ def decoding_loss(model, data_dir, settings, loops, shared, batches, device):
     """Validation loss of decoding each sequence one token at a time through a KV cache."""
     losses = []
     for x, y in batches_of(data_dir, settings, model, batches, device):
-        cache = sample.KVCache(model, len(x), loops, shared=shared)
+        cache = KVCache(model, len(x), loops, shared=shared)
         nll = []
         with autocast_for(device):
             for i in range(x.size(1)):
-                logits, _ = model(x[:, i:i + 1], loops=loops, cache=cache)
+                logits = model.decode(x[:, i:i + 1], cache, loops)
                 logp = torch.log_softmax(logits.float()[:, 0], dim=-1)
                 nll.append(-logp.gather(-1, y[:, i:i + 1])[:, 0])
         losses.append(torch.stack(nll).mean().item())
     return {"loss": float(np.mean(losses))}
 
 
-def decoding_speed(model, data_dir, settings, mu, cap, eps, device, new_tokens=128):
-    """New tokens per second at batch 1 as sample.py decodes (bf16 autocast, fp32 weights here): fixed
-    depths replayed as a CUDA graph and launched from Python, and adaptive exit, which must launch."""
-    x, _ = val_batch(data_dir, settings, model, 0, device)
-    prompt = x[:1, :64]
-    rows = []
-    for loops, eps_, graph in ((mu, None, True), (cap, None, True), (mu, None, False), (cap, None, False),
-                               (cap, eps, False)):
-        stats = {}
-        with autocast_for(device):
-            sample.generate(model, prompt, 16, loops=loops, cuda_graph=graph, exit_threshold=eps_)   # warm-up
-            torch.cuda.synchronize()
+PROMPT, TIMED = 64, (32, 160)     # decoding speed: prompt length, and the two runs whose difference is timed
+TIMING = (f"{PROMPT}-token prompts; decoding steps only: the time of {TIMED[1]} new tokens less that of {TIMED[0]} "
+          "(both prefill the prompt and record the same CUDA graphs)")
+
+
+def decoding_rate(model, prompt, **generate):
+    """New tokens per second of generate() as sample.py decodes (bf16 autocast; fp32 weights here), and its
+    stats: the difference between two runs of TIMED tokens, which share the prefill and the recording of
+    the CUDA graphs (every step reads one span of the cache: prompt and new tokens fit in 256 positions),
+    so that only decoding steps are timed."""
+    times, stats = [], {}
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    with autocast_for(prompt.device):
+        sample.generate(model, prompt, 16, **generate)      # warm-up (cuBLAS, autocast's weight copies)
+        for n in TIMED:
+            stats = {}
+            sync()
             t0 = time.perf_counter()
-            sample.generate(model, prompt, new_tokens, loops=loops, cuda_graph=graph, exit_threshold=eps_, stats=stats)
-            torch.cuda.synchronize()
-        rows.append({"loops": loops, "threshold": eps_, "cuda_graph": graph,
-                     "tokens_per_sec": new_tokens / (time.perf_counter() - t0),
-                     "mean_loops": stats["loops_per_token"].float().mean().item() if stats else loops})
+            sample.generate(model, prompt, n, stats=stats, **generate)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return len(prompt) * (TIMED[1] - TIMED[0]) / (times[1] - times[0]), stats
+
+
+def decoding_speed(model, x, mu, cap, eps):
+    """Decoding speed at batch 1 and 8, prompts from the token rows x: fixed depths μ_rec and the cap, and
+    adaptive exit at ε with both caches, replayed as CUDA graphs; adaptive exit also launched from Python.
+    Under exit, a batch's step runs until all its tokens have exited: `iterations` counts the loops a step
+    ran, the most of its rows'."""
+    rows = []
+    for batch in (1, 8):
+        prompt = x[:batch, :PROMPT]
+        runs = [(mu, None, False, True), (cap, None, False, True), (cap, eps, False, True), (cap, eps, True, True),
+                (cap, eps, False, False)]       # (loops, threshold, shared cache, CUDA graphs)
+        for loops, threshold, shared, graph in runs:
+            rate, stats = decoding_rate(model, prompt, loops=loops, exit_threshold=threshold, shared_cache=shared,
+                                        cuda_graph=graph)
+            used = stats.get("loops_per_token", torch.full((batch, 1), float(loops)))
+            rows.append({"batch_size": batch, "loops": loops, "threshold": threshold, "cuda_graph": graph,
+                         "kv_cache": "shared" if shared else "full", "tokens_per_sec": rate,
+                         "mean_loops": used.float().mean().item(),
+                         "iterations": used.max(0).values.float().mean().item()})
+            print(f"  batch {batch}, {loops} loops, {'ε = %g' % threshold if threshold is not None else 'fixed'}, "
+                  f"{rows[-1]['kv_cache']} cache, {'graphs' if graph else 'eager'}: {rate:,.0f} tokens/s", flush=True)
     return rows
+
+
+def speed_claim(r):
+    """Adaptive exit at batch 1, replayed as graphs, against fixed T = μ_rec replayed: at least 1.25× as fast?
+    On the full cache, the one whose loss the adaptive rows measure (the shared one changes it: r["decoding"])."""
+    rate = lambda **k: next(d["tokens_per_sec"] for d in r["speed"] if d["batch_size"] == 1 and d["cuda_graph"]
+                            and all(d[key] == v for key, v in k.items()))
+    fixed = rate(loops=r["mean_loops"], threshold=None)
+    ratios = {cache: rate(threshold=r["speed_threshold"], kv_cache=cache) / fixed for cache in ("full", "shared")}
+    return {"ratio": ratios, "holds": ratios["full"] >= 1.25}
 
 
 def adaptive_claim(r):
@@ -420,11 +475,19 @@ def adaptive_markdown(results):
                             for s in (False, True))
             lines.append(f"| {T} | {full:.4f} | {shared:.4f} | {shared - full:+.4f} |")
         if r.get("speed"):
-            lines += ["", "Decoding speed, batch 1, 64-token prompt, 128 new tokens, full cache:", "",
-                      "| loops | exit | decoding | mean loops per token | new tokens/s |", "|---|---|---|---|---|"]
-            lines += [f"| {d['loops']} | {'ε = %g' % d['threshold'] if d['threshold'] is not None else 'fixed'} | "
+            note = f", {r['speed_note']}" if "speed_note" in r else ""  # runs before batch and cache were kept: –
+            lines += ["", f"Decoding speed{note}; iterations: the loops a step ran (under exit, the most of its "
+                      "rows'):", "", "| batch | cache | loops | exit | decoding | mean loops per token | iterations "
+                      "per step | new tokens/s |", "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {fmt(d.get('batch_size'), 'd')} | {d.get('kv_cache', '–')} | {d['loops']} | "
+                      f"{'ε = %g' % d['threshold'] if d['threshold'] is not None else 'fixed'} | "
                       f"{'CUDA graph' if d['cuda_graph'] else 'launched from Python'} | {d['mean_loops']:.2f} | "
-                      f"{d['tokens_per_sec']:,.0f} |" for d in r["speed"]]
+                      f"{fmt(d.get('iterations'), '.2f')} | {d['tokens_per_sec']:,.0f} |" for d in r["speed"]]
+        if r.get("speed_claim"):
+            s = r["speed_claim"]
+            lines += ["", f"Claim: adaptive exit at batch 1, as graphs, decodes {s['ratio']['full']:.2f}× as fast as "
+                      f"fixed T = {r['mean_loops']} as graphs (the shared cache: {s['ratio']['shared']:.2f}×): the "
+                      f"claim (≥ 1.25×, full cache) {'holds' if s['holds'] else 'does not hold'}."]
         lines.append("")
     return "\n".join(lines) + common.provenance(results)
 
@@ -461,6 +524,92 @@ def adaptive_plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# --speculative: self-speculative decoding
+
+
+def speculative_main(args):
+    if not (args.checkpoints or args.init_from):
+        raise SystemExit("--speculative needs --checkpoints (run folders or ckpt.pt files) or --init_from")
+    device = torch.device(args.overrides.get("device", args.preset["train"]["device"]))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this preset evaluates on cuda, and there is no GPU here (try --preset tiny)")
+    results = {"preset": args.preset_name, "environment": common.environment(), "command": args.command,
+               "data_dir": args.data_dir, "timing": TIMING if device.type == "cuda" else None, "models": []}
+    for label, path in [(args.init_from, args.init_from)] if args.init_from else find_checkpoints(args):
+        model, settings = load_pretrained(args, device) if args.init_from else load(path, device, args)
+        x, _ = val_batch(args.data_dir, settings, model, 0, device)
+        r = {"model": label, "checkpoint": path, "mean_loops": model.config.mean_loops,
+             "runs": speculative_runs(model, x[:1, :PROMPT], args.loops or [16], args.draft_loops, args.draft_tokens)}
+        r["claim"] = speculative_claim(r)
+        results["models"].append(r)
+        del model
+    print(common.write_results(args.results_dir, "speculative", results, speculative_markdown))
+    return results
+
+
+def speculative_runs(model, prompt, loops, draft_loops, draft_tokens):
+    """At each T of `loops`, sampled as sample.py samples (temperature 0.8, top 200) and greedily: plain
+    decoding, then self-speculative decoding at each draft depth K < T and number of drafts per verify,
+    with its acceptance rate (drafts kept / drafted) and new tokens per verifying forward. On a GPU, all
+    replayed as CUDA graphs and timed (decoding_rate); elsewhere the acceptance only, over 64 new tokens."""
+    runs, timed = [], prompt.is_cuda
+    for T in loops:
+        for sampling, how in (("sampled", dict(temperature=0.8, top_k=200)), ("greedy", dict(top_k=1))):
+            plain = decoding_rate(model, prompt, loops=T, **how)[0] if timed else None
+            runs.append({"loops": T, "sampling": sampling, "draft_loops": None, "draft_tokens": None,
+                         "tokens_per_sec": plain})
+            for K in [K for K in draft_loops if K < T]:
+                for n in draft_tokens:
+                    torch.manual_seed(0)
+                    if timed:
+                        rate, stats = decoding_rate(model, prompt, loops=T, draft_loops=K, draft_tokens=n, **how)
+                    else:
+                        rate, stats = None, {}
+                        sample.generate(model, prompt, 64, loops=T, draft_loops=K, draft_tokens=n, stats=stats, **how)
+                    runs.append({"loops": T, "sampling": sampling, "draft_loops": K, "draft_tokens": n,
+                                 "tokens_per_sec": rate, "speedup": rate / plain if timed else None,
+                                 "acceptance": stats["accepted"] / stats["drafted"],
+                                 "tokens_per_verify": (stats["accepted"] + stats["rounds"]) / stats["rounds"]})
+                    print(f"  T {T} {sampling}, K {K}, {n} drafts: {100 * runs[-1]['acceptance']:.0f} % kept"
+                          + (f", {rate:,.0f} tokens/s ({rate / plain:.2f}× plain)" if timed else ""), flush=True)
+    return runs
+
+
+def speculative_claim(r):
+    """Self-speculative decoding at T = 16, batch 1, sampled, as graphs: at least 1.5× plain decoding?"""
+    fastest = max((d for d in r["runs"] if d["loops"] == 16 and d["sampling"] == "sampled" and d.get("speedup")),
+                  key=lambda d: d["speedup"], default=None)
+    return {"best": fastest, "holds": fastest is not None and fastest["speedup"] >= 1.5}
+
+
+def speculative_markdown(results):
+    fmt = common.fmt
+    lines = []
+    for r in results["models"]:
+        timing = f"replayed as CUDA graphs, {results['timing']}" if results["timing"] else "not timed (no GPU)"
+        lines += [f"### {r['model']} (μ_rec {r['mean_loops']}): self-speculative decoding, batch 1", "",
+                  "Drafts at K loops, verified at T in one forward. Acceptance: drafts kept / drafted; tokens per "
+                  f"verify: new tokens per verifying forward. Tokens/s: {timing}.", ""]
+        for T, sampling in dict.fromkeys((d["loops"], d["sampling"]) for d in r["runs"]):
+            rows = [d for d in r["runs"] if (d["loops"], d["sampling"]) == (T, sampling)]
+            plain = rows[0]["tokens_per_sec"]
+            lines += [f"T = {T}, {sampling} ({'temperature 0.8, top 200' if sampling == 'sampled' else 'top 1'}): "
+                      f"plain decoding {fmt(plain, ',.0f')} tokens/s", "",
+                      "| K | drafts per verify | acceptance | tokens per verify | tokens/s | × plain |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {d['draft_loops']} | {d['draft_tokens']} | {100 * d['acceptance']:.0f} % | "
+                      f"{d['tokens_per_verify']:.2f} | {fmt(d['tokens_per_sec'], ',.0f')} | "
+                      f"{fmt(d['speedup'], '.2f')} |" for d in rows[1:]]
+            lines.append("")
+        best = r["claim"]["best"]
+        lines += ["Claim: " + (f"the fastest at T = 16, sampled, is K = {best['draft_loops']} with "
+                               f"{best['draft_tokens']} drafts per verify, {best['speedup']:.2f}× plain decoding: the "
+                               f"claim (≥ 1.5×) {'holds' if r['claim']['holds'] else 'does not hold'}." if best else
+                               "not measured (T = 16 on a GPU)."), ""]
+    return "\n".join(lines) + common.provenance(results)
 
 
 def markdown(results):

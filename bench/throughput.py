@@ -73,7 +73,7 @@ class MaskedLoopGPT(GPT):
     """The release's loop: max(n) no-grad then max(k) grad iterations over the whole batch,
     with finished sequences frozen by a mask, so each micro-batch pays for its deepest one."""
 
-    def recur(self, e, idx, depths, n_grad, cos, sin, cache=None):
+    def recur(self, e, idx, depths, n_grad, cos, sin):
         h = self.initial_state(e)
         k = depths.clamp(max=n_grad)
         n = depths - k

@@ -294,12 +294,61 @@ def test_loops_adaptive_measures_exit_against_fixed_depth_on_the_same_batches(be
     assert (bench["results"] / "adaptive.png").stat().st_size > 1000
 
 
+def test_loops_speculative_measures_the_acceptance_of_each_draft_depth(bench):
+    """On a CPU only the acceptance (the timing needs CUDA graphs): every draft depth below T and number of
+    drafts per verify, sampled and greedy, each a rate in [0, 1] with at most drafts + 1 tokens per verify."""
+    checkpoint = bench["loops"]["models"][0]["checkpoint"]
+    result = loops.main(bench["args"] + ["--speculative", "--checkpoints", checkpoint, "--loops", "2",
+                                         "--draft_loops", "1", "2", "--draft_tokens", "1", "3"])
+    runs = result["models"][0]["runs"]
+    assert [(d["sampling"], d["draft_loops"], d["draft_tokens"]) for d in runs] == [
+        (s, K, n) for s in ("sampled", "greedy") for K, n in [(None, None), (1, 1), (1, 3)]]
+    for d in runs[1:3] + runs[4:]:
+        assert 0 <= d["acceptance"] <= 1 and 1 <= d["tokens_per_verify"] <= d["draft_tokens"] + 1
+        assert d["tokens_per_sec"] is None
+    text = (bench["results"] / "speculative.md").read_text()
+    assert "| 1 | 3 |" in text and "Claim: not measured" in text
+
+
+def test_the_decoding_speed_rows_and_their_claim(monkeypatch):
+    """What bench/loops.py --adaptive times on a GPU, run on the CPU with few tokens (the rates are noise
+    here): every row, with its mean loops per token and iterations per step, and the claim read from them."""
+    from conftest import tiny, tokens
+    monkeypatch.setattr(loops, "PROMPT", 8)
+    monkeypatch.setattr(loops, "TIMED", (2, 4))
+    rows = loops.decoding_speed(tiny(), tokens(B=8, L=8), 2, 4, 0.5)
+    assert [(d["batch_size"], d["loops"], d["threshold"], d["kv_cache"], d["cuda_graph"]) for d in rows] == [
+        (B, *row) for B in (1, 8) for row in [(2, None, "full", True), (4, None, "full", True), (4, 0.5, "full", True),
+                                              (4, 0.5, "shared", True), (4, 0.5, "full", False)]]
+    for d in rows:
+        assert type(d["tokens_per_sec"]) is float and 1 <= d["mean_loops"] <= d["iterations"] <= d["loops"]
+        if d["threshold"] is None:
+            assert d["mean_loops"] == d["iterations"] == d["loops"]
+    claim = loops.speed_claim({"speed": rows, "speed_threshold": 0.5, "mean_loops": 2})
+    assert set(claim["ratio"]) == {"full", "shared"} and type(claim["holds"]) is bool
+
+
+def test_the_adaptive_speed_claim_compares_exit_and_fixed_depth_at_batch_1_both_as_graphs_on_the_full_cache():
+    """Rows launched from Python, at batch 8 or at other thresholds are faster here and must not count; the
+    shared cache, 1.25× here, is reported, but its loss is another model's: the claim rests on the full one."""
+    row = lambda **k: {"batch_size": 1, "loops": 16, "threshold": 0.1, "cuda_graph": True, "kv_cache": "full",
+                       "tokens_per_sec": 100.0, "mean_loops": 5.0, "iterations": 5.0, **k}
+    speed = [row(loops=8, threshold=None, tokens_per_sec=80.0), row(tokens_per_sec=90.0), row(kv_cache="shared"),
+             row(cuda_graph=False, tokens_per_sec=500.0), row(batch_size=8, tokens_per_sec=500.0),
+             row(threshold=0.3, tokens_per_sec=500.0)]
+    claim = loops.speed_claim({"mean_loops": 8, "speed_threshold": 0.1, "speed": speed})
+    assert claim["ratio"] == {"full": 90 / 80, "shared": 100 / 80} and not claim["holds"]
+    speed[1]["tokens_per_sec"] = 100.0
+    assert loops.speed_claim({"mean_loops": 8, "speed_threshold": 0.1, "speed": speed})["holds"]
+
+
 def test_a_data_folder_without_its_token_files_is_one_line_saying_how_to_make_them(toy_data, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "meta.json").write_text(open(os.path.join(toy_data, "meta.json")).read())
     tiny = ["--preset", "tiny", "--results_dir", str(tmp_path)]
     for script, more in ((stability, tiny), (quality, tiny), (loops, tiny), (loops, tiny + ["--adaptive"]),
-                         (scaling, tiny), (ddp, ["--device", "cpu", "--results_dir", str(tmp_path)])):
+                         (loops, tiny + ["--speculative"]), (scaling, tiny),
+                         (ddp, ["--device", "cpu", "--results_dir", str(tmp_path)])):
         with pytest.raises(SystemExit, match="train.bin not found: make the data first with `python prepare.py`"):
             script.main(["--data_dir", str(tmp_path / "data"), *more])
 

@@ -12,8 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.throughput import MaskedLoopGPT
 from conftest import ROOT, U, reordering_bound, tiny, tokens
-from model import GPT, CausalSelfAttention, GPTConfig, ParcaeInjection, apply_rotary, rotary_tables
-from sample import KVCache
+from model import GPT, CausalSelfAttention, GPTConfig, KVCache, ParcaeInjection, apply_rotary, rotary_tables
 from train import Muon, configure_optimizers
 
 INJECTIONS = ["parcae", "linear", "add", "none"]
@@ -287,12 +286,18 @@ def test_stability_stats_report_state_norm_residual_and_A_bar():
 # the KV cache (generation itself: tests/test_sample.py)
 
 
-def decode_with_cache(model, x, loops, prefill=6):
+def decode_with_cache(model, x, loops, prefill=6, bucket=256):
     """The logits of x from a new cache: the first `prefill` tokens in one forward, then one at a time."""
-    cache = KVCache(model, batch_size=len(x), loops=loops)
-    parts = [model(x[:, :prefill], loops=loops, cache=cache)[0]]
-    parts += [model(x[:, i:i + 1], loops=loops, cache=cache)[0] for i in range(prefill, x.size(1))]
+    cache = KVCache(model, batch_size=len(x), loops=loops, bucket=bucket)
+    parts = [model.decode(x[:, :prefill], cache, loops)]
+    parts += [model.decode(x[:, i:i + 1], cache, loops) for i in range(prefill, x.size(1))]
     return torch.cat(parts, dim=1), cache
+
+
+def slots(cache):
+    """Every slot of the cache once, in the order the layers run."""
+    core = cache.core[:1] if cache.shared else cache.core
+    return [*cache.prelude, *(s for iteration in core for s in iteration), *cache.coda]
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)
@@ -309,6 +314,18 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward(injection, loops):
     assert torch.allclose(cached, full, rtol=0, atol=reordering_bound(n=128, layers=layers) * full.abs().max())
 
 
+def test_attention_over_the_filled_part_of_the_cache_gives_the_logits_of_the_whole_window():
+    """Attention reads the cache's first `span` positions, the filled ones rounded up to a multiple of
+    `bucket`: here 4, so the span grows 8, 12, ..., where a bucket of the window reads all 64 behind the
+    mask. In fp64 both differ only in how the softmax sums the masked-out zeros, ~1e-16 relative."""
+    model = tiny(init_state="zero").double().eval()
+    x = tokens(B=2, L=14)[:, :-1]
+    windowed, _ = decode_with_cache(model, x, loops=3, bucket=64)
+    bucketed, cache = decode_with_cache(model, x, loops=3, bucket=4)
+    assert cache.span == 16 and cache.length == 14 and slots(cache)[0].k.size(2) == 64
+    torch.testing.assert_close(bucketed, windowed, rtol=0, atol=1e-12)
+
+
 def test_the_cache_keeps_its_memory_fills_in_chunks_and_refuses_to_overflow():
     """What replaying a CUDA graph relies on: the buffers and the position tensor never move (they
     are updated in place), and the host-side length follows the positions written."""
@@ -317,19 +334,35 @@ def test_the_cache_keeps_its_memory_fills_in_chunks_and_refuses_to_overflow():
     cache = KVCache(model, batch_size=2, loops=3)
     with torch.no_grad():
         full, _ = model(x, loops=3)
-        buffers = [t.data_ptr() for t in (*cache.k, *cache.v, cache.pos)]
-        parts = [model(x[:, :5], loops=3, cache=cache)[0]]
-        parts += [model(x[:, 5:9], loops=3, cache=cache)[0], model(x[:, 9:10], loops=3, cache=cache)[0]]
-        assert [t.data_ptr() for t in (*cache.k, *cache.v, cache.pos)] == buffers
+        buffers = [t.data_ptr() for s in slots(cache) for t in (s.k, s.v)] + [cache.pos.data_ptr()]
+        parts = [model.decode(x[:, :5], cache, 3)]
+        parts += [model.decode(x[:, 5:9], cache, 3), model.decode(x[:, 9:10], cache, 3)]
+        assert [t.data_ptr() for s in slots(cache) for t in (s.k, s.v)] + [cache.pos.data_ptr()] == buffers
         assert cache.length == int(cache.pos) == 10
         bound = reordering_bound(n=128, layers=1 + 2 * 3 + 1 + 1) * full.abs().max()     # as in the test above
         assert torch.allclose(torch.cat(parts, dim=1), full[:, :10], rtol=0, atol=bound)
-        with pytest.raises(ValueError, match="holds 10 of 16 positions, no room for 7 more"):
-            model(x[:, :7], loops=3, cache=cache)
-        cache.reset()
+        with pytest.raises(ValueError, match="holds 10 of 16 positions: no room for 7 more"):
+            model.decode(x[:, :7], cache, 3)
+        cache.rollback(0)
         assert cache.length == int(cache.pos) == 0
-        with pytest.raises(ValueError, match="more loops than it was made for"):
-            model(x[:, :1], loops=4, cache=cache)
+        with pytest.raises(ValueError, match="made for 3 loops.*at 4 loops"):
+            model.decode(x[:, :1], cache, 4)
+
+
+def test_a_rolled_back_cache_forgets_the_positions_after_it():
+    """Self-speculative decoding rolls the cache back past the drafts it rejects: what follows is then
+    computed as if those had never been written. Exact: the same one-token forwards on the same cached
+    keys and values, with stale ones beyond the position where nothing may attend."""
+    model = tiny(init_state="zero").eval()
+    x, other = tokens(B=2, L=10)[:, :-1], tokens(B=2, L=10, seed=2)[:, :-1]
+    with torch.no_grad():
+        clean, _ = decode_with_cache(model, x, loops=3)
+        cache = KVCache(model, batch_size=2, loops=3)
+        model.decode(x[:, :6], cache, 3)
+        model.decode(other[:, 6:9], cache, 3)           # three tokens that are then taken back
+        cache.rollback(6)
+        again = torch.cat([model.decode(x[:, i:i + 1], cache, 3) for i in range(6, 9)], dim=1)
+    assert torch.equal(again, clean[:, 6:9])
 
 
 def test_the_cache_stores_what_the_model_computes_in():
@@ -339,15 +372,15 @@ def test_the_cache_stores_what_the_model_computes_in():
     it away. Such a flip in one of the 6 layer applications (prelude, 2 loops of 2 core blocks, coda)
     or in the logits moves a logit by up to about 2^-7 of the logits' scale."""
     model = tiny(init_state="zero").eval()
-    assert KVCache(model, batch_size=1, loops=2).k[0].dtype == torch.float32
+    assert KVCache(model, batch_size=1, loops=2).prelude[0].k.dtype == torch.float32
     x = tokens(B=2, L=10)[:, :-1]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         full, _ = model(x, loops=2)
         cached, cache = decode_with_cache(model, x, loops=2)
     c = model.config
-    assert len(cache.k) == len(cache.v) == c.n_prelude + 2 * c.n_core + c.n_coda
-    assert cache.k[0].dtype == torch.bfloat16
-    assert cache.k[0].shape == (2, c.n_head, c.block_size, c.n_embd // c.n_head)
+    assert len(slots(cache)) == c.n_prelude + 2 * c.n_core + c.n_coda
+    assert cache.prelude[0].k.dtype == cache.coda[0].v.dtype == torch.bfloat16
+    assert cache.prelude[0].k.shape == (2, c.n_head, c.block_size, c.n_embd // c.n_head)
     assert torch.allclose(cached.float(), full.float(), rtol=0, atol=7 * 2**-7 * full.float().abs().max())
 
 # -----------------------------------------------------------------------------
@@ -510,16 +543,19 @@ def test_flops_backward_covers_only_backprop_loops():
 
 @pytest.mark.parametrize("loops", [0, -1])
 def test_fewer_than_one_loop_is_refused_alike_by_every_path_and_the_flops_count(loops):
-    """0 loops is not "the default" anywhere: fixed depth, per-token exit and the FLOP count say the same."""
+    """0 loops is not "the default" anywhere: whole sequences, decoding at fixed depth and with per-token
+    exit, a cache's size and the FLOP count say the same, and a refused step writes nothing in the cache."""
     model = tiny().eval()
     x = tokens(B=2)[:, :-1]
     message = f"^loops={loops}: a looped model runs its core at least once$"
-    paths = {"fixed": lambda: model(x, loops=loops),
-             "adaptive": lambda: model(x, loops=loops, cache=KVCache(model, 2, loops=1), exit_threshold=0.1),
-             "flops": lambda: model.flops_per_token(loops=loops)}
+    cache = KVCache(model, 2, loops=1)
+    paths = {"fixed": lambda: model(x, loops=loops), "decoding": lambda: model.decode(x, cache, loops=loops),
+             "adaptive": lambda: model.decode(x, cache, loops=loops, exit_threshold=0.1),
+             "cache": lambda: KVCache(model, 2, loops=loops), "flops": lambda: model.flops_per_token(loops=loops)}
     for path in paths.values():
         with pytest.raises(ValueError, match=message):
             path()
+    assert cache.length == 0
     assert model.flops_per_token(loops=1) > 0
     assert model(x, loops=1)[0].shape == (*x.shape, model.config.padded_vocab_size)
 
@@ -542,8 +578,6 @@ def test_bad_depths_are_refused_instead_of_silently_ignored():
     for depths in ([2, 2], [2, 0, 1]):
         with pytest.raises(ValueError, match="one depth of at least 1 per sequence"):
             model(x, depths=torch.tensor(depths))
-    with pytest.raises(ValueError, match="same number of loops"):
-        model(x, depths=torch.tensor([1, 2, 3]), cache=KVCache(model, 3, loops=3))
 
 
 def test_readme_line_pointers_name_what_is_on_those_lines():

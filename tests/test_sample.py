@@ -1,5 +1,6 @@
 """sample.py: generate() on tiny random models, and the command line run as a user runs it on a
 checkpoint of a tiny model."""
+import math
 import re
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import torch
 import train
 from conftest import ROOT, TINY, tiny, tokens, write_char_data
 import sample as sample_py
-from sample import KVCache, bf16_weights, generate
+from model import KVCache
+from sample import accept, bf16_weights, generate
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,20 @@ def test_a_missing_prompt_file_is_a_clear_error(out_dir, tmp_path):
         sample_py.main([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'nowhere.txt'}"])
 
 
+def greedy_by_full_forwards(model, prompt, new_tokens, loops, block_size):
+    """Greedy decoding replayed by full forwards, restarting from the last half of the text whenever
+    the window is full (as generate() does), and the smallest gap between the two likeliest tokens."""
+    idx, start, gap = prompt, 0, math.inf
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            if idx.size(1) - start > block_size:
+                start = idx.size(1) - block_size // 2
+            top = model(idx[:, start:], loops=loops)[0][:, -1, :97].topk(2)
+            gap = min(gap, (top.values[:, 0] - top.values[:, 1]).min().item())
+            idx = torch.cat([idx, top.indices[:, :1]], dim=1)
+    return idx, gap
+
+
 @pytest.mark.parametrize("injection", ["parcae", "none"])
 def test_greedy_generation_matches_argmax_of_full_forwards_even_past_the_window(injection):
     model = tiny(injection, init_state="zero", block_size=16).eval()
@@ -94,14 +110,7 @@ def test_greedy_generation_matches_argmax_of_full_forwards_even_past_the_window(
     out = generate(model, prompt, max_new_tokens=20, loops=3, top_k=1)
     assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt)
     # replay: once the window of 16 is full, generation restarts from the last 8 tokens
-    idx, start = prompt, 0
-    with torch.no_grad():
-        for _ in range(20):
-            if idx.size(1) - start > 16:
-                start = idx.size(1) - 8
-            logits, _ = model(idx[:, start:], loops=3)
-            idx = torch.cat([idx, logits[:, -1, :97].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, idx)
+    assert torch.equal(out, greedy_by_full_forwards(model, prompt, 20, loops=3, block_size=16)[0])
 
 
 def test_generated_tokens_stay_inside_the_real_vocabulary():
@@ -193,10 +202,9 @@ def adaptive_decode(model, x, loops, eps, shared=False, prefill=1):
     """Logits and loops per token of x through a new cache: `prefill` tokens at once, then one at a time."""
     cache = KVCache(model, len(x), loops, shared=shared)
     logits, used = [], []
-    with torch.no_grad():
-        for a, b in [(0, prefill)] + [(i, i + 1) for i in range(prefill, x.size(1))]:
-            logits.append(model(x[:, a:b], loops=loops, cache=cache, exit_threshold=eps)[0])
-            used.append(model.last_state["loops_per_token"])
+    for a, b in [(0, prefill)] + [(i, i + 1) for i in range(prefill, x.size(1))]:
+        logits.append(model.decode(x[:, a:b], cache, loops, exit_threshold=eps))
+        used.append(model.last_state["loops_per_token"])
     return torch.cat(logits, dim=1), torch.cat(used, dim=1), cache
 
 
@@ -218,17 +226,17 @@ def test_an_exited_token_keeps_its_last_keys_and_values_in_every_later_core_slot
     iterations after t; its slots for them hold those of iteration t."""
     model, x = fp64_model(), tokens(B=2, L=12)[:, :-1]
     _, used, cache = adaptive_decode(model, x, loops=16, eps=0.02)
-    P, R = model.config.n_prelude, model.config.n_core
     for b in range(2):
         for i in range(x.size(1)):
             t = int(used[b, i])         # iterations run: the last one is t - 1
-            for j in range(R):
-                last = P + (t - 1) * R + j
+            for j in range(model.config.n_core):
+                last = cache.core[t - 1][j]
                 for r in range(t, 16):
-                    for kv in (cache.k, cache.v):
-                        assert torch.equal(kv[P + r * R + j][b, :, i], kv[last][b, :, i]), (b, i, j, r)
+                    for kv in ("k", "v"):
+                        assert torch.equal(getattr(cache.core[r][j], kv)[b, :, i], getattr(last, kv)[b, :, i]), \
+                            (b, i, j, r)
                 if t > 1:       # (and they differ from its first iteration's: the check is not vacuous)
-                    assert not torch.equal(cache.k[P + j][b, :, i], cache.k[last][b, :, i])
+                    assert not torch.equal(cache.core[0][j].k[b, :, i], last.k[b, :, i])
 
 
 def test_exit_threshold_0_gives_exactly_the_tokens_of_the_cap():
@@ -265,17 +273,134 @@ def test_the_shared_cache_at_one_loop_is_the_full_cache_and_its_memory_does_not_
     shared, _, _ = adaptive_decode(model, x, loops=1, eps=0.0, shared=True)
     assert torch.equal(full, shared)
     c = model.config
+    buffers = lambda cache: len({id(s.k) for s in [*cache.prelude, *sum(cache.core, []), *cache.coda]})
     for loops in (1, 8, 16):
-        assert len(KVCache(model, 1, loops, shared=True).k) == c.n_prelude + c.n_core + c.n_coda
-        assert len(KVCache(model, 1, loops).k) == c.n_prelude + loops * c.n_core + c.n_coda
+        assert buffers(KVCache(model, 1, loops, shared=True)) == c.n_prelude + c.n_core + c.n_coda
+        assert buffers(KVCache(model, 1, loops)) == c.n_prelude + loops * c.n_core + c.n_coda
 
 
-def test_per_token_exit_needs_a_cache_and_a_looped_model(out_dir):
-    model, x = fp64_model(), tokens(B=1, L=4)[:, :-1]
-    with pytest.raises(ValueError, match="needs a KV cache"):
-        model(x, loops=4, exit_threshold=0.1)
+def test_per_token_exit_needs_a_looped_model(out_dir):
+    with pytest.raises(ValueError, match="no loop to exit early"):
+        generate(tiny("none").eval(), tokens(B=1, L=4)[:, :-1], 3, exit_threshold=0.1)
     run = sample(f"--out_dir={out_dir}", "--loops=8", "--exit_threshold=0.05", "--kv_cache=shared",
                  "--start", "def f(", "--num_samples=2", "--max_new_tokens=10")
     assert run.returncode == 0, run.stderr
     mean = float(run.stdout.split("adaptive exit at 0.05: ")[1].split(" loops per token")[0])
     assert 1 <= mean <= 8
+
+# -----------------------------------------------------------------------------
+# self-speculative decoding
+#
+# Greedy: in fp64 with h_0 = 0. h_0 = 0 makes the verifier compute what plain decoding computes:
+# drawn fresh each forward, h_0 would differ between a plain step and the verifier's forward, and
+# so would the tokens. The verifier's forward of several tokens and plain decoding's forwards of
+# one add the same terms in other orders, ~1e-15 of the logits apart; the likeliest token could
+# change only where two logits come within that, and greedy_by_full_forwards checks that none
+# come within 1e-9: the tokens must be identical.
+
+
+@pytest.mark.parametrize("draft_loops, draft_tokens", [(1, 4), (3, 1), (5, 6)])
+def test_greedy_self_speculative_decoding_gives_the_tokens_of_plain_decoding_even_past_the_window(draft_loops,
+                                                                                                  draft_tokens):
+    model, prompt = fp64_model(block_size=16), tokens(B=2, L=5)[:, :-1]
+    plain = generate(model, prompt, 30, loops=6, top_k=1)
+    assert torch.equal(plain, greedy_by_full_forwards(model, prompt, 30, loops=6, block_size=16)[0])
+    assert greedy_by_full_forwards(model, prompt, 30, loops=6, block_size=16)[1] > 1e-9
+    for greedy in (dict(top_k=1), dict(temperature=0.0)):
+        stats = {}
+        fast = generate(model, prompt, 30, loops=6, draft_loops=draft_loops, draft_tokens=draft_tokens, stats=stats,
+                        **greedy)
+        assert torch.equal(fast, plain)
+        assert 0 < stats["accepted"] <= stats["drafted"]
+        assert (stats["accepted"] < stats["drafted"]) == (draft_loops < 5)     # at 5 loops of 6, all are kept
+
+
+def bernstein_bound(p, n, cells, failure=1e-6):
+    """How far the frequency of an outcome of probability p can land from p in n independent draws: by
+    Bernstein's inequality, P(|f - p| > t) <= 2 exp(-n t^2 / (2 p (1 - p) + 2t/3)), which with the
+    failure probability shared among `cells` outcomes (a union bound) gives t below. With failure 1e-6
+    a correct sampler fails this test once in a million runs, on any machine."""
+    log = math.log(2 * cells / failure)
+    return (2 * p * (1 - p) * log / n) ** 0.5 + 2 * log / (3 * n)
+
+
+def test_the_speculative_rule_draws_each_token_from_the_verifiers_distribution():
+    """accept() on fixed distributions p_1..p_4 (the verifier's) and q_1..q_3 (the drafts'), over a
+    vocabulary of 4, in 20,000 rounds of two rows: each row's i-th new token, among the rounds that
+    reach it, must be drawn from p_i, including the token drawn after the last draft."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.distributions.Dirichlet(torch.full((4,), 2.0)).sample((4,))
+    q = (p[:3] + 0.6 * torch.distributions.Dirichlet(torch.ones(4)).sample((3,)))
+    q = q / q.sum(-1, keepdim=True)         # drafts near the verifier, but not equal: some are rejected
+    counts, rounds = torch.zeros(4, 4), 20_000
+    torch.manual_seed(0)
+    for _ in range(rounds):
+        drafts = torch.multinomial(q, 2, replacement=True, generator=g).T      # (2 rows, 3 drafts)
+        new = accept(p.expand(2, 4, 4), q.expand(2, 3, 4), drafts)
+        for i in range(new.size(1)):
+            counts[i].index_put_((new[:, i],), torch.ones(2), accumulate=True)
+    n = counts.sum(-1)
+    assert n[0] == 2 * rounds and n[3] > 2_000          # every round gives a first token; many go to the end
+    bound = torch.tensor([[bernstein_bound(p[i, t].item(), n[i].item(), 16) for t in range(4)] for i in range(4)])
+    assert ((counts / n[:, None] - p).abs() <= bound).all()
+    assert ((q - p[:3]).abs() > 2 * bound[:3]).any()    # drawing the drafts themselves would fail
+
+
+def test_self_speculative_sampling_draws_from_the_distribution_of_plain_decoding():
+    """The first two new tokens of 10,000 rows, the second from a round of speculation (one draft at 1
+    loop, verified at 3), against their exact distribution p(t1) p(t2 | t1) at 3 loops, from full
+    forwards. h_0 = 0, so that the distribution is a fixed one."""
+    model = tiny(init_state="zero", vocab_size=5, block_size=8, n_core=1).eval()
+    prompt = tokens(B=1, L=3, vocab=5)[:, :-1]
+    rows = 10_000
+    torch.manual_seed(0)
+    out = generate(model, prompt.expand(rows, -1), 3, loops=3, temperature=1.0, draft_loops=1, draft_tokens=1)
+    with torch.no_grad():
+        first = model(prompt, loops=3)[0][0, -1, :5].softmax(-1)
+        pairs = torch.cat([prompt.expand(5, -1), torch.arange(5)[:, None]], dim=1)
+        exact = first[:, None] * model(pairs, loops=3)[0][:, -1, :5].softmax(-1)      # (t1, t2)
+        drafted = first[:, None] * model(pairs, loops=1)[0][:, -1, :5].softmax(-1)
+    n = prompt.size(1)
+    freq = torch.zeros(5, 5).index_put_((out[:, n], out[:, n + 1]), torch.ones(rows), accumulate=True) / rows
+    bound = torch.tensor([[bernstein_bound(exact[a, b].item(), rows, 25) for b in range(5)] for a in range(5)])
+    assert ((freq - exact).abs() <= bound).all()
+    assert ((drafted - exact).abs() > 2 * bound).any()       # the drafts' own distribution would fail
+
+
+def test_self_speculative_decoding_refuses_what_it_cannot_do_exactly(out_dir):
+    model, prompt = fp64_model(), tokens(B=1, L=4)[:, :-1]
+    for bad in (dict(draft_loops=4), dict(draft_loops=0), dict(draft_loops=2, exit_threshold=0.1)):
+        with pytest.raises(ValueError, match="drafts at fewer loops"):
+            generate(model, prompt, 3, loops=4, **bad)
+    with pytest.raises(ValueError, match="needs the full KV cache"):
+        generate(model, prompt, 3, loops=4, draft_loops=2, shared_cache=True)
+    with pytest.raises(ValueError, match="drafts at fewer loops"):
+        generate(tiny("none").eval(), prompt, 3, draft_loops=1)
+    run = sample(f"--out_dir={out_dir}", "--loops=2", "--draft_loops=2")
+    assert run.returncode == 1 and "--draft_loops must be at least 1 and fewer than the 2" in run.stderr
+    run = sample(f"--out_dir={out_dir}", "--loops=4", "--draft_loops=1", "--kv_cache=shared")
+    assert run.returncode == 1 and run.stderr.strip().count("\n") == 0 and "full cache" in run.stderr
+    run = sample(f"--out_dir={out_dir}", "--loops=4", "--draft_loops=2", "--start", "def f(", "--num_samples=2",
+                 "--max_new_tokens=20")
+    assert run.returncode == 0 and run.stdout.startswith("def f("), run.stderr
+    assert "drafted tokens kept" in run.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a GPU")
+@pytest.mark.parametrize("mode", [dict(exit_threshold=0.02), dict(exit_threshold=0.02, shared_cache=True),
+                                  dict(draft_loops=2)], ids=["exit-full", "exit-shared", "speculative"])
+def test_adaptive_and_speculative_decoding_replayed_as_cuda_graphs_match_eager_decoding(mode):
+    """The phases of an adaptive step (one graph per iteration, or one for all with the shared cache,
+    and the copies after an early exit) and the draft and verify steps, replayed, give the tokens of
+    eager decoding, past the window and across spans of the cache. In fp32, as the test above."""
+    model = tiny(init_state="zero", block_size=32).cuda().eval()
+    prompt = tokens(B=2, L=5)[:, :-1].cuda()
+    runs = []
+    for graph in (True, False):
+        stats = {}
+        runs.append((generate(model, prompt, 40, loops=6, top_k=1, cuda_graph=graph, stats=stats, **mode), stats))
+    (graphed, graph_stats), (eager, eager_stats) = runs
+    assert torch.equal(graphed, eager)
+    for key in ("loops_per_token", "accepted"):
+        if key in eager_stats:
+            assert torch.equal(torch.as_tensor(graph_stats[key]), torch.as_tensor(eager_stats[key]))
