@@ -33,7 +33,7 @@ class Decoder:
     steps of its kind replay: at batch 1 a step is hundreds of tiny kernels, too many to launch one by one
     from Python. Under per-token exit the loop ends on a test on the host, which no graph can hold, so the
     phases are recorded apart (the prelude; each core iteration, or one that every iteration replays with
-    the shared cache; the coda and head) and the host reads the exit flag after each iteration.
+    the shared cache; the coda and head) and the host reads each iteration's exit flag while the next runs.
     `used`: the loops that each token of the last step ran, under exit.
     """
 
@@ -91,16 +91,25 @@ class Decoder:
         iterations = [capture(lambda r=r: m.decode_iteration(s, r)) for r in range(1 if one else loops)]
         skips = [] if one else [capture(lambda r=r: cache.skip(r, loops))[0] for r in range(loops - 1)]
         finish, logits = capture(lambda: m.finish(s)[0])
+        flags = torch.zeros(loops, dtype=torch.bool, pin_memory=True)      # iteration r's "all have exited"
+        copied = [torch.cuda.Event() for _ in range(loops)]
 
         def replay():
+            # The host stays one iteration ahead of the GPU: it launches iteration r, then reads the exit flag
+            # of r - 1, copied to pinned memory behind it, so the GPU never waits for the host. Once all have
+            # exited, the one extra iteration changes nothing (exited tokens keep their state and write their
+            # previous keys and values), and the later slots are filled as after it.
             start.replay()
             for r in range(loops):
                 graph, all_exited = iterations[0 if one else r]
                 graph.replay()
-                if r < loops - 1 and all_exited.item():        # the host reads the exit flag: a sync
-                    if skips:
-                        skips[r].replay()
+                if r > 0 and (copied[r - 1].synchronize() or flags[r - 1]):
                     break
+                if r < loops - 1:
+                    flags[r].copy_(all_exited, non_blocking=True)
+                    copied[r].record()
+            if skips and r < loops - 1:
+                skips[r].replay()
             finish.replay()
             cache.length += tokens.size(1)
             self.used = s.used

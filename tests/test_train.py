@@ -200,8 +200,10 @@ def test_iterations_replayed_as_cuda_graphs_follow_the_weights_as_they_change(bf
     e = torch.randn(4, 16, 32, device="cuda")
     h = torch.randn(4, 16, 32, device="cuda")
     cos, sin = model.cos[:16], model.sin[:16]
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        for change in range(3):
+    for change in range(3):
+        # one autocast block per step, as in training: inside one, eager code reuses autocast's bf16 copies
+        # of the weights, made before they changed
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             for m in (4, 3, 4):        # two shapes: two graphs in one pool, each replayed again
                 want = model.core_iteration(h[:m], e[:m], x[:m], cos, sin)
                 got = graphed(h[:m], e[:m], x[:m], cos, sin)
