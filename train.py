@@ -54,6 +54,9 @@ dtype = "auto"                   # auto (bfloat16 autocast on cuda, float32 else
 compile = "auto"                 # torch.compile the blocks, injection and head: auto (on cuda only) | True | False
 activation_checkpoint = False    # keep only each block's input, and run the block again in the backward:
                                  # less memory for one more forward of the blocks (checkpoint_blocks)
+graph_iterations = False         # on a GPU, replay the loop's iterations without gradient as CUDA graphs
+                                 # (GraphedIterations): faster where the host bounds a step, as in small
+                                 # models; a memory pool of their own, and no gain at 350m
 # model (the vocabulary size comes from the data's meta.json)
 block_size = 128
 n_embd = 96
@@ -487,14 +490,12 @@ def compile_model(model):
     """
     torch.compile each block, the injection and the head, so the data-dependent loop stays in Python.
     Shapes start static; the first time a block sees another number of running sequences, Dynamo
-    recompiles it once with that size symbolic, and no later depth compiles again. On a GPU the loop's
-    iterations without gradient are then replayed as CUDA graphs (GraphedIterations).
+    recompiles it once with that size symbolic, and no later depth compiles again.
     """
     for block in model.blocks():
         block.compile()
     if model.config.looped:
         model.injection.compile()      # a dozen small kernels per iteration, fused
-        model.core_iteration = GraphedIterations(model.core_iteration)
     # the compiled head, bound to this model as a method is, hides GPT.head for this instance
     model.head = MethodType(torch.compile(GPT.head), model)
     # all blocks share Block.forward's cache of graphs, and it needs more than the default 8:
@@ -601,6 +602,8 @@ def train(cfg, rank, world, device):
         checkpoint_blocks(raw_model)
     if use_compile:
         compile_model(raw_model)
+    if cfg.graph_iterations and device.type == "cuda" and raw_model.config.looped:
+        raw_model.core_iteration = GraphedIterations(raw_model.core_iteration)
     if world > 1:
         model = wrap_ddp(raw_model, device)
 

@@ -141,7 +141,8 @@ SCALING = {
     # data_dir and prepare: the corpus, made afresh on each GPU machine; prepare_s, report_s: a job's
     # time besides training, with a margin (prepare.py read 245 MB of the same kinds of files in 9 s on 2
     # shared CPU cores; the report of 18 runs with 1000 resamples took 3-10 s there)
-    "small": {"train": dict(n_embd=256, n_head=2, batch_size=64, grad_accum_steps=1, compile=True, eval_iters=16),
+    "small": {"train": dict(n_embd=256, n_head=2, batch_size=64, grad_accum_steps=1, compile=True, eval_iters=16,
+                            graph_iterations=True),
               "layers": (1, 1, 1), "mean_loops": [1, 2, 3, 4, 6, 8], "extend": [12, 16, 24],
               "budgets": [4.4e14, 1.05e15, 2.5e15, 5.9e15, 1.4e16], "parallel": 4, "flops_per_sec": 1.5e14,
               "startup_s": 40, "job_seconds": 510, "report_s": 10, "prepare_s": 40,
