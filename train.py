@@ -40,7 +40,7 @@ from tqdm import tqdm
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
-# settings (the defaults are the CPU demo: about 5 minutes on 2 cores)
+# settings (the defaults are the CPU demo: 3 to 5 minutes on 2 cores)
 # I/O
 out_dir = "out"
 data_dir = "data/stdlib"         # train.bin, val.bin, meta.json, as written by prepare.py

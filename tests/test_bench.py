@@ -560,7 +560,8 @@ def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(t
 @pytest.mark.parametrize("name", ["throughput", "throughput_140m", "throughput_parcae_alone", "throughput_gen",
                                   "throughput_layouts", "throughput_cache", "stability", "quality", "loops",
                                   "adaptive", "scaling", "ddp", "ddp_2xh200/ddp", "ddp_4xh200/ddp",
-                                  "throughput_before_after", "throughput_small", "throughput_770m", "throughput_1.3b"])
+                                  "throughput_before_after", "throughput_small", "throughput_770m", "throughput_1.3b",
+                                  "throughput_parcae_1.3b"])
 def test_each_committed_table_is_what_its_script_makes_of_its_json(name):
     """bench/results/*.md are not edited by hand: each is its script's markdown() of the JSON beside it."""
     results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
