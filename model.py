@@ -429,7 +429,7 @@ class GPT(nn.Module):
 
     def core_iteration(self, h, e, idx, cos, sin, slots=None):
         """One iteration of the loop, h <- core_blocks(inject(h, e)), decoding writing the cache slots of its core
-        layers if given. (train.py replays it as a CUDA graph where it runs without gradient: GraphedIterations.)"""
+        layers if given. (With graph_iterations, train.py replays it as a CUDA graph where it runs without gradient.)"""
         u = self.injection(h, e)
         for block, slot in zip(self.core, slots or [None] * len(self.core)):
             u = block(u, idx, cos, sin, slot)

@@ -103,8 +103,10 @@ class Decoder:
             for r in range(loops):
                 graph, all_exited = iterations[0 if one else r]
                 graph.replay()
-                if r > 0 and (copied[r - 1].synchronize() or flags[r - 1]):
-                    break
+                if r > 0:
+                    copied[r - 1].synchronize()     # iteration r - 1's flag is on the host
+                    if flags[r - 1]:
+                        break
                 if r < loops - 1:
                     flags[r].copy_(all_exited, non_blocking=True)
                     copied[r].record()

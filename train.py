@@ -602,7 +602,7 @@ def train(cfg, rank, world, device):
         checkpoint_blocks(raw_model)
     if use_compile:
         compile_model(raw_model)
-    if cfg.graph_iterations and device.type == "cuda" and raw_model.config.looped:
+    if cfg.graph_iterations and raw_model.config.looped:      # (on a CPU, GraphedIterations runs them as they are)
         raw_model.core_iteration = GraphedIterations(raw_model.core_iteration)
     if world > 1:
         model = wrap_ddp(raw_model, device)

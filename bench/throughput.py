@@ -203,7 +203,7 @@ def time_steady(model, batch_size, steps, device, compiled=True):
     c = model.config
     if compiled:
         train.compile_model(model)
-    if c.looped and device.type == "cuda":      # graph_iterations, as the sweep trains them
+    if c.looped:                    # graph_iterations, as the sweep trains them (a no-op on the CPU)
         model.core_iteration = train.GraphedIterations(model.core_iteration)
     optimizers = train.configure_optimizers(model, lr=1e-3, weight_decay=0.2, device_type=device.type)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
