@@ -80,11 +80,9 @@ class CausalSelfAttention(nn.Module):
         qk = F.rms_norm(apply_rotary(qk, cos, sin), (self.head_dim,)).type_as(v)
         q, k = qk.split(self.n_head, dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, D)
-        if slot is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:       # decoding: the slot keeps the new keys and values, and gives back all there are to see
-            k, v, mask = slot.update(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # decoding: the cache slot keeps the new keys and values, and gives back all there are to see
+        k, v, mask = (k, v, None) if slot is None else slot.update(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=slot is None)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, d))
 
 
@@ -96,16 +94,18 @@ class KVCache:
 
     def __init__(self, model, batch_size, loops=None, shared=False, bucket=256):
         c, w = model.config, model.wte.weight
-        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        self.dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        new = lambda previous=None: CacheSlot(self, torch.zeros(shape, dtype=dtype, device=w.device), previous)
+        zeros = lambda *n: torch.zeros((*n, *shape), dtype=self.dtype, device=w.device)
+        new = lambda: CacheSlot(self, zeros(), zeros())
         self.loops, self.shared, self.bucket = model.check_loops(loops) if c.looped else 1, shared, bucket
         self.prelude, self.coda = [new() for _ in range(c.n_prelude)], [new() for _ in range(c.n_coda)]
-        self.core = [[new() for _ in range(c.n_core)]]
-        for s in self.core[0] if shared else []:
-            s.previous = s
-        for _ in range(self.loops - 1):
-            self.core.append(self.core[0] if shared else [new(s) for s in self.core[-1]])
+        n = 1 if shared else self.loops     # core layer j: the keys, and values, of all n iterations in one tensor
+        self.stacks = [(zeros(n), zeros(n)) for _ in range(c.n_core)]      # (n, B, ...): core[r][j] views row r
+        self.core = [[CacheSlot(self, k[r], v[r]) for k, v in self.stacks] for r in range(n)]
+        for r, j in ((r, j) for r in range(n) for j in range(c.n_core)):     # whose keys an exited token keeps
+            self.core[r][j].previous = self.core[r][j] if shared else self.core[r - 1][j] if r else None
+        self.core *= self.loops // n        # the shared cache: the same slots at every iteration
         self.pos, self.length, self.max_len = torch.zeros((), dtype=torch.long, device=w.device), 0, c.block_size
 
     def start(self, L, loops):
@@ -115,16 +115,16 @@ class KVCache:
                              f"positions: no room for {L} more tokens at {loops} loops")
         self.span = min(self.max_len, -(-(self.length + L) // self.bucket) * self.bucket)      # rounded up
         self.positions = self.pos + torch.arange(L, device=self.pos.device)
-        self.mask = torch.arange(self.span, device=self.pos.device) <= self.positions[:, None]     # (L, span)
+        hidden = torch.arange(self.span, device=self.pos.device) > self.positions[:, None]     # (L, span)
+        self.mask = torch.zeros_like(hidden, dtype=self.dtype).masked_fill_(hidden, -math.inf)    # additive: made once
         self.pos += L
         self.length += L
         return self.positions
 
     def skip(self, r, loops):
-        """All tokens left the loop after iteration r of `loops`: the later ones' slots get those of r."""
-        for s in (s for later in self.core[r + 1:loops] for s in later if s.previous is not s):
-            s.k.index_copy_(2, self.positions, s.previous.k[:, :, self.positions])
-            s.v.index_copy_(2, self.positions, s.previous.v[:, :, self.positions])
+        """All tokens left the loop after iteration r of `loops`: the later iterations' slots get those of r."""
+        for stack in (t for kv in ([] if self.shared else self.stacks) for t in kv):
+            stack[r + 1:loops, :, :, self.positions] = stack[r, :, :, self.positions]
 
     def rollback(self, length):
         self.pos.fill_(length)              # forget every position from `length` on (0: all of them)
@@ -135,13 +135,13 @@ class CacheSlot:
     """One layer application's keys and values (B, heads, window, head_dim); a core layer's `previous`: its
     slot at the iteration before (the shared cache's: itself), whose keys and values an exited token keeps."""
 
-    def __init__(self, cache, zeros, previous=None):
-        self.cache, self.k, self.v, self.previous = cache, zeros, zeros.clone(), previous
+    def __init__(self, cache, k, v):
+        self.cache, self.k, self.v, self.previous = cache, k, v, None
 
     def update(self, k, v):
         """Write the new tokens' keys and values (B, H, L, D), an exited token's as they were; return all to see."""
-        c = self.cache
-        if self.previous is not None and c.exited is not None:      # (set by GPT.begin)
+        c = self.cache      # (GPT.begin sets `exited`; alone in its batch, a token runs no iteration past its exit)
+        if self.previous is not None and c.exited is not None and k.size(0) > 1:
             exited = c.exited[:, None, :, None]                 # (B, L) -> (B, H, L, D), broadcast
             k = torch.where(exited, self.previous.k[:, :, c.positions], k)
             v = torch.where(exited, self.previous.v[:, :, c.positions], v)

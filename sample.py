@@ -14,6 +14,7 @@ is copied beside ckpt.pt), so the data folder is not needed. --init_from samples
 pretrained models instead (hub.py; NAME@REVISION pins a branch, tag or commit).
 """
 import argparse
+import gc
 import os
 from contextlib import nullcontext
 
@@ -33,7 +34,7 @@ class Decoder:
     steps of its kind replay: at batch 1 a step is hundreds of tiny kernels, too many to launch one by one
     from Python. Under per-token exit the loop ends on a test on the host, which no graph can hold, so the
     phases are recorded apart (the prelude; each core iteration, or one that every iteration replays with
-    the shared cache; the coda and head) and the host reads each iteration's exit flag while the next runs.
+    the shared cache; the coda and head), and the host reads each iteration's exit flag before the next.
     `used`: the loops that each token of the last step ran, under exit.
     """
 
@@ -91,25 +92,14 @@ class Decoder:
         iterations = [capture(lambda r=r: m.decode_iteration(s, r)) for r in range(1 if one else loops)]
         skips = [] if one else [capture(lambda r=r: cache.skip(r, loops))[0] for r in range(loops - 1)]
         finish, logits = capture(lambda: m.finish(s)[0])
-        flags = torch.zeros(loops, dtype=torch.bool, pin_memory=True)      # iteration r's "all have exited"
-        copied = [torch.cuda.Event() for _ in range(loops)]
 
         def replay():
-            # The host stays one iteration ahead of the GPU: it launches iteration r, then reads the exit flag
-            # of r - 1, copied to pinned memory behind it, so the GPU never waits for the host. Once all have
-            # exited, the one extra iteration changes nothing (exited tokens keep their state and write their
-            # previous keys and values), and the later slots are filled as after it.
             start.replay()
             for r in range(loops):
                 graph, all_exited = iterations[0 if one else r]
                 graph.replay()
-                if r > 0:
-                    copied[r - 1].synchronize()     # iteration r - 1's flag is on the host
-                    if flags[r - 1]:
-                        break
-                if r < loops - 1:
-                    flags[r].copy_(all_exited, non_blocking=True)
-                    copied[r].record()
+                if all_exited.item():       # the host waits for iteration r: have all tokens exited?
+                    break
             if skips and r < loops - 1:
                 skips[r].replay()
             finish.replay()
@@ -120,10 +110,15 @@ class Decoder:
 
 
 def capture(step):
-    """Record step() as a CUDA graph, which runs nothing: the graph, and the tensors its replays write."""
+    """Record step() as a CUDA graph, which runs nothing: the graph, and the tensors its replays write. Python's
+    garbage collector waits meanwhile: it might free an older graph, which CUDA forbids while recording."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph):
+            out = step()
+    finally:
+        gc.enable()
     return graph, out
 
 

@@ -15,5 +15,6 @@ mkdir -p "$OUT"
     --n_core=2 --n_coda=1 --mean_loops=8 --backprop_loops=4 --batch_size=16 --lr=8e-3 --max_iters=800 \
     --eval_interval=800 --eval_iters=8 --eval_loops='[8]' --log_interval=100
 python bench/loops.py --adaptive --data_dir data/stdlib --checkpoints $RUN --batches 8 --decode_batches 1 \
-    --thresholds 0.3 0.2 0.1 0.05 0.03 0.02 0.01 0.003 --results_dir "$OUT"
-python bench/loops.py --speculative --data_dir data/stdlib --checkpoints $RUN --results_dir "$OUT"
+    --thresholds 0.3 0.25 0.2 0.15 0.1 0.05 0.03 0.02 0.01 0.003 --results_dir "$OUT"
+python bench/loops.py --speculative --data_dir data/stdlib --checkpoints $RUN --draft_loops 1 2 4 \
+    --draft_tokens 4 6 8 --results_dir "$OUT"

@@ -221,12 +221,14 @@ def test_the_teacher_forced_adaptive_forward_equals_adaptive_decoding_token_by_t
     torch.testing.assert_close(whole, stepped, rtol=0, atol=1e-10)
 
 
-def test_an_exited_token_keeps_its_last_keys_and_values_in_every_later_core_slot():
+@pytest.mark.parametrize("B", [1, 2])
+def test_an_exited_token_keeps_its_last_keys_and_values_in_every_later_core_slot(B):
     """The cache rule: a token that stops at iteration t has no keys and values of its own for the
-    iterations after t; its slots for them hold those of iteration t."""
-    model, x = fp64_model(), tokens(B=2, L=12)[:, :-1]
+    iterations after t; its slots for them hold those of iteration t. (Alone in its batch, a token runs
+    no iteration past its exit; in a batch, rows that have exited are computed and kept as they were.)"""
+    model, x = fp64_model(), tokens(B=B, L=12)[:, :-1]
     _, used, cache = adaptive_decode(model, x, loops=16, eps=0.02)
-    for b in range(2):
+    for b in range(B):
         for i in range(x.size(1)):
             t = int(used[b, i])         # iterations run: the last one is t - 1
             for j in range(model.config.n_core):

@@ -459,13 +459,14 @@ def test_a_plan_on_a_machine_without_the_corpus_continues_from_every_committed_r
     committed.mkdir()
     monkeypatch.setattr(scaling, "RESULTS", str(committed))
     monkeypatch.chdir(tmp_path)         # no data/code here
-    args = scaling.parse(["--dry_run"])
+    dry = ["--dry_run", "--results_dir", str(committed)]     # (the default would read the real bench/results)
+    args = scaling.parse(dry)
     assert args.meta == {"vocab_size": 257, "train_tokens": None} and args.ledger == {}
     runs = scaling.plan(args)
     first, second = ([r for r in runs if r["budget"] == C] for C in scaling.SCALING["small"]["budgets"][:2])
     (committed / "scaling.json").write_text(json.dumps(records_of(first)))
     (committed / "scaling_job2.json").write_text(json.dumps(records_of(first[:1] + second)))    # one run in both
-    scaling.main(["--dry_run"])
+    scaling.main(dry)
     out = capsys.readouterr().out
     done = {line.split()[0] for line in out.splitlines() if line.endswith("  done")}
     assert done == {r["name"] for r in first + second} and out.count("to train") == len(runs) - len(done)
@@ -476,14 +477,14 @@ def test_a_plan_on_a_machine_without_the_corpus_continues_from_every_committed_r
         assert command.startswith("{ [ -f data/code/meta.json ] || python prepare.py --input \"$(python -c")
         assert "--tokenizer byte --name code; } && python bench/scaling.py --results_dir \"$OUT\" --only" in command
         assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0 and len(command) < 2000
-    args = scaling.parse(["--dry_run"])
+    args = scaling.parse(dry)
     assert len(args.calls) == 2 and args.meta["train_tokens"] == 650_000_000      # calls merged, not repeated
     with pytest.raises(SystemExit, match="data/code/meta.json not found: prepare the sweep's corpus first, python prepare"):
-        scaling.parse(["--only", "gpt_*"])
+        scaling.parse(["--only", "gpt_*", "--results_dir", str(committed)])
     other = records_of(second, data={**records_of([])["data"], "train_sha256": "ef" * 32})
     (committed / "scaling_job3.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="trained on another data/code"):
-        scaling.parse(["--dry_run"])
+        scaling.parse(dry)
 
 
 def test_only_trains_the_runs_named_and_the_report_covers_the_sweep(toy_data, tmp_path, capsys, monkeypatch):
