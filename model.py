@@ -140,8 +140,8 @@ class CacheSlot:
 
     def update(self, k, v):
         """Write the new tokens' keys and values (B, H, L, D), an exited token's as they were; return all to see."""
-        c = self.cache      # (GPT.begin sets `exited`; alone in its batch, a token runs no iteration past its exit)
-        if self.previous is not None and c.exited is not None and k.size(0) > 1:
+        c = self.cache      # (GPT.begin sets `exited`; a step of one token runs no iteration past its exit)
+        if self.previous is not None and c.exited is not None and c.exited.numel() > 1:
             exited = c.exited[:, None, :, None]                 # (B, L) -> (B, H, L, D), broadcast
             k = torch.where(exited, self.previous.k[:, :, c.positions], k)
             v = torch.where(exited, self.previous.v[:, :, c.positions], v)

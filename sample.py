@@ -176,8 +176,11 @@ def generate(model, idx, max_new_tokens, loops=None, temperature=1.0, top_k=None
 
 
 def probabilities(logits, temperature, top_k):
-    """The distribution that the next token is drawn from (temperature 0: the likeliest token)."""
-    logits = logits.float() / max(temperature, 1e-6)
+    """The distribution that the next token is drawn from. Temperature 0 or top_k 1: all on the likeliest token
+    (the first of a tie), exactly; a tiny temperature would still leave near-ties to chance."""
+    if temperature == 0 or top_k == 1:
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits.float() / temperature
     if top_k:                           # None or 0: every token may be drawn
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -561,12 +561,13 @@ def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(t
                                   "throughput_layouts", "throughput_cache", "stability", "quality", "loops",
                                   "adaptive", "scaling", "ddp", "ddp_2xh200/ddp", "ddp_4xh200/ddp",
                                   "throughput_before_after", "throughput_small", "throughput_770m", "throughput_1.3b",
-                                  "throughput_parcae_1.3b"])
+                                  "throughput_parcae_1.3b", "speculative"])
 def test_each_committed_table_is_what_its_script_makes_of_its_json(name):
     """bench/results/*.md are not edited by hand: each is its script's markdown() of the JSON beside it."""
     results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
     markdown = {"stability": stability.markdown, "quality": quality.markdown, "loops": loops.markdown,
-                "adaptive": loops.adaptive_markdown, "scaling": scaling.markdown,
+                "adaptive": loops.adaptive_markdown, "speculative": loops.speculative_markdown,
+                "scaling": scaling.markdown,
                 "ddp": ddp.markdown, "throughput_before_after": before_after.markdown,
                 "throughput_small": throughput.small_markdown}.get(os.path.basename(name), throughput.markdown)
     if name == "scaling" and not os.path.exists(os.path.join(results, "scaling.json")):

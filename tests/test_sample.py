@@ -208,14 +208,15 @@ def adaptive_decode(model, x, loops, eps, shared=False, prefill=1):
     return torch.cat(logits, dim=1), torch.cat(used, dim=1), cache
 
 
-def test_the_teacher_forced_adaptive_forward_equals_adaptive_decoding_token_by_token():
+@pytest.mark.parametrize("B", [1, 2])
+def test_the_teacher_forced_adaptive_forward_equals_adaptive_decoding_token_by_token(B):
     """One forward over the whole sequence with per-token exit (what bench/loops.py --adaptive
     measures as a validation loss) gives the logits and the exits of decoding one token at a time."""
-    model, x = fp64_model(), tokens(B=2, L=12)[:, :-1]
+    model, x = fp64_model(), tokens(B=B, L=12)[:, :-1]
     assert decisions_are_robust(model, x, 16, 0.02)
     whole, used_whole, _ = adaptive_decode(model, x, loops=16, eps=0.02, prefill=x.size(1))
     stepped, used_stepped, _ = adaptive_decode(model, x, loops=16, eps=0.02)
-    assert len(set(used_whole.flatten().tolist())) >= 3     # tokens really exit at different iterations
+    assert len(set(used_whole.flatten().tolist())) >= 2     # tokens really exit at different iterations
     assert torch.equal(used_whole, used_stepped)
     # fp64: ~1e-15 relative per operation, over a few dozen layer applications
     torch.testing.assert_close(whole, stepped, rtol=0, atol=1e-10)
@@ -224,8 +225,8 @@ def test_the_teacher_forced_adaptive_forward_equals_adaptive_decoding_token_by_t
 @pytest.mark.parametrize("B", [1, 2])
 def test_an_exited_token_keeps_its_last_keys_and_values_in_every_later_core_slot(B):
     """The cache rule: a token that stops at iteration t has no keys and values of its own for the
-    iterations after t; its slots for them hold those of iteration t. (Alone in its batch, a token runs
-    no iteration past its exit; in a batch, rows that have exited are computed and kept as they were.)"""
+    iterations after t; its slots for them hold those of iteration t. (A step of one token runs no
+    iteration past its exit; in a batch, tokens that have exited are computed and kept as they were.)"""
     model, x = fp64_model(), tokens(B=B, L=12)[:, :-1]
     _, used, cache = adaptive_decode(model, x, loops=16, eps=0.02)
     for b in range(B):
