@@ -449,10 +449,14 @@ def makespan(runs, args):
 
 def jobs(runs, args):
     """The runs packed into GPU jobs of at most job_seconds (job_time): the longest first, each into the
-    first job where it fits (a run longer than that alone gets a job of its own)."""
+    first job where it fits. A run longer than that gets a job of its own, whose free parallel slots
+    take runs that end no later than it does."""
+    def fits(job, r):
+        return job_time(job + [r], args) <= args.scaling["job_seconds"] or \
+            (len(job) < args.parallel and makespan(job + [r], args) <= makespan(job, args))
     out = []
     for r in sorted(runs, key=lambda r: -run_seconds(r, args)):
-        fit = next((job for job in out if job_time(job + [r], args) <= args.scaling["job_seconds"]), None)
+        fit = next((job for job in out if fits(job, r)), None)
         if fit is None:
             out.append([r])
         else:
@@ -515,7 +519,9 @@ def print_jobs(runs, args):
                                                 "first job measures it: plan again after committing its results)")
           + "; each writes the report of every run so far into $OUT:")
     for i, job in enumerate(packed, 1):
-        print(f"  job {i}, {len(job)} runs, about {job_time(job, args):.0f} s:\n    {job_command(job, args)}")
+        over = job_time(job, args) > limit
+        print(f"  job {i}, {len(job)} runs, about {job_time(job, args):.0f} s" + (f" (over the {limit} s of a "
+              "job: it may not end within a device call)" if over else "") + f":\n    {job_command(job, args)}")
     pending = [C for C in sorted(args.scaling["budgets"])[-SEEDED_BUDGETS:]
                if not any(r["budget"] == C and r["seed"] != SEED for r in runs)]
     if pending:

@@ -211,7 +211,8 @@ def test_the_jobs_hold_every_run_once_and_last_at_most_job_seconds():
     runs = [fake_run(f"r{i}", flops, 100 - i) for i, flops in enumerate([9, 5, 4, 4, 3, 2, 2, 1, 1, 1, 20])]
     packed = scaling.jobs(runs, args)
     assert sorted(r["name"] for job in packed for r in job) == sorted(r["name"] for r in runs)
-    assert [r["name"] for r in packed[0]] == ["r10"]        # 21 s: longer than a job, alone
+    # 21 s: longer than a job, it gets its own, whose other slot takes the next longest (10 s, ending sooner)
+    assert [r["name"] for r in packed[0]] == ["r10", "r0"]
     assert all(scaling.job_time(job, args) <= 14 for job in packed[1:])
     # two slots, the most tokens first: 10 s and 6 s, then 2 s on the freer slot
     three = [fake_run("a", 9, 3), fake_run("b", 5, 2), fake_run("c", 1, 1)]
