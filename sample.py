@@ -180,7 +180,7 @@ def probabilities(logits, temperature, top_k):
     (the first of a tie), exactly; a tiny temperature would still leave near-ties to chance."""
     if temperature == 0 or top_k == 1:
         return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    logits = logits.float() / temperature
+    logits = logits.float() / max(temperature, 1e-6)     # (a tinier one would overflow)
     if top_k:                           # None or 0: every token may be drawn
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
