@@ -14,7 +14,6 @@ is copied beside ckpt.pt), so the data folder is not needed. --init_from samples
 pretrained models instead (hub.py; NAME@REVISION pins a branch, tag or commit).
 """
 import argparse
-import gc
 import os
 from contextlib import nullcontext
 
@@ -76,7 +75,7 @@ class Decoder:
         and a weight is fp32 (the tied head; every weight without bf16_weights), the graph reads the bf16
         copy that autocast cast and cached during the warm-up: it lives as long as the caller's autocast
         block, which encloses all of generate()."""
-        graph, logits = capture(lambda: self.model.decode(tokens, self.cache, loops))
+        graph, logits = train.capture(lambda: self.model.decode(tokens, self.cache, loops))
 
         def replay():
             graph.replay()                          # writes the cache and `logits` in place
@@ -88,10 +87,10 @@ class Decoder:
         """A decoding step under per-token exit as graphs of its phases; returns what replays them."""
         m, cache = self.model, self.cache
         one = cache.shared or loops == 1            # then every iteration reads and writes the same slots
-        start, s = capture(lambda: m.begin(tokens, cache, loops, self.threshold))
-        iterations = [capture(lambda r=r: m.decode_iteration(s, r)) for r in range(1 if one else loops)]
-        skips = [] if one else [capture(lambda r=r: cache.skip(r, loops))[0] for r in range(loops - 1)]
-        finish, logits = capture(lambda: m.finish(s)[0])
+        start, s = train.capture(lambda: m.begin(tokens, cache, loops, self.threshold))
+        iterations = [train.capture(lambda r=r: m.decode_iteration(s, r)) for r in range(1 if one else loops)]
+        skips = [] if one else [train.capture(lambda r=r: cache.skip(r, loops))[0] for r in range(loops - 1)]
+        finish, logits = train.capture(lambda: m.finish(s)[0])
 
         def replay():
             start.replay()
@@ -107,19 +106,6 @@ class Decoder:
             self.used = s.used
             return logits
         return replay
-
-
-def capture(step):
-    """Record step() as a CUDA graph, which runs nothing: the graph, and the tensors its replays write. Python's
-    garbage collector waits meanwhile: it might free an older graph, which CUDA forbids while recording."""
-    graph = torch.cuda.CUDAGraph()
-    gc.disable()
-    try:
-        with torch.cuda.graph(graph):
-            out = step()
-    finally:
-        gc.enable()
-    return graph, out
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ JSON object per log line, for scripts and plots). MODEL.md section 5 is the reci
 """
 import ast
 import builtins
+import gc
 import difflib
 import inspect
 import json
@@ -442,7 +443,6 @@ class GraphedIterations:
 
     def record(self, inputs):
         static = [x.detach().clone() for x in inputs]
-        graph = torch.cuda.CUDAGraph()
         # autocast's cache of bf16 weight copies is off while recording: the graph must cast the fp32
         # weights at every replay, not read a copy that is freed when the forward's autocast block ends
         autocast = torch.is_autocast_enabled("cuda")
@@ -452,10 +452,22 @@ class GraphedIterations:
             with torch.cuda.stream(side):                   # not during the capture
                 self.iteration(*static)
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.iteration(*static)
+            graph, out = capture(lambda: self.iteration(*static), self.pool)
         self.pool = graph.pool()
         return graph, static, out
+
+
+def capture(step, pool=None):
+    """Record step() as a CUDA graph, which runs nothing: the graph, and the tensors its replays write. Python's
+    garbage collector waits meanwhile: it might free an older graph, which CUDA forbids while recording."""
+    graph = torch.cuda.CUDAGraph()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+    finally:
+        gc.enable()
+    return graph, out
 
 
 def checkpoint_blocks(model):
