@@ -135,20 +135,20 @@ SCALING = {
     "tiny": {"train": dict(eval_iters=2), "layers": (1, 1, 1), "mean_loops": [1, 2, 4], "extend": [6],
              "budgets": [2.5e8, 5e8, 1e9], "parallel": 4, "flops_per_sec": 1e9, "startup_s": 3, "job_seconds": 60,
              "report_s": 5},
-    # one H200: the plan of the docstring. 16 validation batches (524k tokens, the same for every run,
+    # one H200: the plan of the docstring. 8 validation batches of 128 (524k tokens, the same for every run,
     # seed and T, so comparisons are paired) at the 13 depths cost a looped run 1.7e14 FLOPs: 3 % of the
     # sweep's, though 40 % of the smallest budget's training.
     # data_dir and prepare: the corpus, made afresh on each GPU machine; prepare_s, report_s: a job's
     # time besides training, with a margin (prepare.py read 245 MB of the same kinds of files in 9 s on 2
     # shared CPU cores; the report of 18 runs with 1000 resamples took 3-10 s there)
-    "small": {"train": dict(n_embd=256, n_head=2, batch_size=64, grad_accum_steps=1, compile=True, eval_iters=16,
+    "small": {"train": dict(n_embd=256, n_head=2, batch_size=128, grad_accum_steps=1, compile=True, eval_iters=8,
                             graph_iterations=True),
               "layers": (1, 1, 1), "mean_loops": [1, 2, 3, 4, 6, 8], "extend": [12, 16, 24],
               "budgets": [4.4e14, 1.05e15, 2.5e15, 5.9e15, 1.4e16], "parallel": 4, "flops_per_sec": 1.5e14,
-              "startup_s": 40, "job_seconds": 510, "report_s": 10, "prepare_s": 40,
-              "data_dir": "data/code", "tokenizer": "byte",
+              "startup_s": 40, "job_seconds": 510, "report_s": 10, "prepare_s": 60,
+              "data_dir": "data/src", "tokenizer": "byte",
               "prepare": "python prepare.py --input \"$(python -c 'import site; print(site.getsitepackages()[0])')\" "
-                         "--suffix .py .h .hpp --tokenizer byte --name code"},
+                         "/usr/include --suffix .py .h .hpp --tokenizer byte --name src"},
 }
 RESULTS = os.path.join(common.ROOT, "bench", "results")     # where the committed sweep lies
 
