@@ -7,12 +7,13 @@ model's loss fall with its test-time depth T?
     python bench/scaling.py --results_dir "$OUT" --only NAME ...    # a job: train these runs, then the report
     python bench/scaling.py --report_only       # fits and plots of the finished runs, on any machine
 
-The corpus is made on the GPU machine, by each job unless it is still there (data/code/meta.json):
-    python prepare.py --input "$(python -c 'import site; print(site.getsitepackages()[0])')" \
-        --suffix .py .h .hpp --tokenizer byte --name code
-prepare.py walks site-packages recursively, so it reads the packages' Python sources and the C/C++
-headers they ship (torch/include, nvidia/*/include, ...), in sorted order: the same machine image gives
-the same tokens, and scaling.json records their sha256 (a job on other tokens is refused).
+The corpus is made on the GPU machine, by each job unless it is still there (data/src/meta.json):
+    python prepare.py --input "$(python -c 'import site; print(site.getsitepackages()[0])')" /usr/include \
+        --suffix .py .h .hpp --tokenizer byte --name src
+prepare.py walks site-packages recursively, then /usr/include, so it reads the packages' Python sources,
+the C/C++ headers they ship (torch/include, nvidia/*/include, ...) and the system's (Boost's are most of
+them), in sorted order: the same machine image gives the same tokens, and scaling.json records their
+sha256 (a job on other tokens is refused).
 
 The sweep. One Parcae model trains at each budget C and each μ_rec, with μ_bwd = ceil(μ_rec / 2) (MODEL.md
 section 5), on D = C / F(μ_rec) tokens, F the expected training FLOPs per token (below); the Transformer
@@ -31,15 +32,18 @@ The plan (preset small), for one H200 and ≤ 10-minute GPU jobs.
           vocabulary (257 ids, padded to 320): the head is 1 % of a token's FLOPs, so C is spent on
           blocks. F = 18.5M FLOPs per token at μ_rec 1, 20.0M at 2, 27.3M at 4, 43.1M at 8 (μ_bwd
           steps of 1 make F jump at the odd μ_rec); 17.0M for the Transformer.
-  data    bytes of the GPU machine's Python sources and C/C++ headers (prepare.py above: ~419 MB of .py,
-          182 MB of .h, 156 MB of .hpp before duplicates are dropped; 9 files of 10 train): about 650M
-          training tokens, an estimate until the first job records the count; the dry run then prints
-          the epochs each run reads.
-  steps   64 × 512 = 32,768 tokens, one micro-batch; compiled.
+  data    bytes of the GPU machine's Python sources and C/C++ headers (prepare.py above; 9 files of 10
+          train): 591.9M training tokens, as the first job recorded them; the dry run prints the epochs
+          each run reads. (site-packages alone held 415.6M: the top budget's Transformer would have read
+          them 1.98 times.)
+  steps   128 × 512 = 65,536 tokens, one micro-batch; compiled. A small run's step is bound by the host
+          (launches, Python), not the GPU: on an H200 the Transformer's step took 14.8 ms at 64 × 512 and
+          14.2 ms at 128 × 512 (`bench/throughput.py --small --batch_size 64`, then 128, times the same
+          steps), so twice the tokens a step is about twice the rate; Parcae's, 27.6 and 42.7 ms.
   budgets 4.4e14, 1.05e15, 2.5e15, 5.9e15, 1.4e16 FLOPs: 5 over 32×, 2.37× apart. At 1.4e16 the μ_rec 1
           run reads 756M tokens, 303 per non-embedding parameter (the paper's fixed-depth runs read 50 to
-          3,300 per block parameter), and the Transformer 823M: 1.3 epochs of 650M. At 4.4e14, 9.5 per
-          parameter; μ_rec 8 there trains 10.2M tokens, 311 steps.
+          3,300 per block parameter), and the Transformer 823M: 1.39 epochs. At 4.4e14, 9.5 per
+          parameter; μ_rec 8 there trains 10.2M tokens, 156 steps.
   time    training and the one evaluation, 1.72e17 FLOPs for the 35 first runs, at 1.5e14 FLOP/s over 4
           runs at a time (the rate aimed at, 3× the char sweep's measured 5e13; a guess until the finished
           runs' wall times measure it, start-ups included, and scaling.json keeps the rate): ~19 minutes of

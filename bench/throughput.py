@@ -33,10 +33,10 @@ config's whole run would take on 8 GPUs at 8 times that rate:
     python bench/throughput.py --large_only --models gpt_1.3b parcae_1.3b --out bench/results/throughput_1.3b
 
 `--small` times the small models of the scaling sweep instead (bench/results/throughput_small):
-    python bench/throughput.py --small
-d 256, 2 heads of 128, the byte vocabulary (257), 64 × 512 tokens a step, μ_rec 4 and μ_bwd 2, in
-the P/R/C layouts 1/2/1 and the sweep's (bench/scaling.py); for each, the Transformer with the same
-unique layers, and Parcae with depths drawn per sequence (as trained) and with one depth for the
+    python bench/throughput.py --small [--batch_size 64]
+d 256, 2 heads of 128, the byte vocabulary (257), the sweep's tokens a step (128 × 512; --batch_size
+sequences of 512 instead), μ_rec 4 and μ_bwd 2, in the P/R/C layouts 1/2/1 and the sweep's
+(bench/scaling.py); for each, the Transformer with the same unique layers, and Parcae with depths drawn per sequence (as trained) and with one depth for the
 whole step. Every step of --steps (default 400) is timed from one host sync to the next, as
 train.py syncs once a step, compiled as train.py compiles. Steps during which torch.compile made a
 graph are left out of the rates and counted apart; warmup_s is the time until the last of them
@@ -248,8 +248,6 @@ def steady_state(steps, tokens_per_step, peak=None):
 
 
 SMALL = dict(vocab_size=257, block_size=512, n_embd=256, n_head=2, mean_loops=4, backprop_loops=2)   # heads of 128
-SMALL_BATCH = 64
-
 
 def small_models(sweep_layers, shape):
     """(label fields, GPTConfig) of every small model timed: for P/R/C 1/2/1 and the sweep's layout, the
@@ -265,7 +263,7 @@ def small_models(sweep_layers, shape):
     return out
 
 
-def time_small(steps, device, sweep_layers, compiled=True, save=lambda results: None, batch_size=SMALL_BATCH,
+def time_small(steps, device, sweep_layers, batch_size, compiled=True, save=lambda results: None,
                **shape):
     """throughput_small's results: every small model's steady-state training rate (see the docstring).
     batch_size and shape (GPTConfig fields) replace SMALL's for a test on the CPU."""
@@ -444,23 +442,35 @@ def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, n
 def profile_decoding(model, loops, path, new_tokens=16):
     """A torch.profiler table of decoding steps at batch 1, each kernel launched from Python so that
     the profiler sees them one by one (a CUDA graph replays the same kernels): which kernels a new
-    token costs, how many, and how long each runs on the GPU."""
+    token costs, how many, and how long each runs on the GPU. On a GPU its first line also gives one
+    decoding step's own share, the prefill's (profiled alone) taken off: its kernels and their GPU time,
+    by kind. A CUDA graph replays them one after another, so a step takes at least that time."""
     model.eval()
     device = next(model.parameters()).device
     prompt = torch.randint(0, model.config.vocab_size, (1, 128), device=device)
     on_gpu = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-        sample.generate(model, prompt, 4, loops=loops, cuda_graph=False)        # warm-up (and compiling)
+
+    def profiled(tokens):
         with torch.profiler.profile(activities=activities) as prof:
-            sample.generate(model, prompt, new_tokens + 1, loops=loops, cuda_graph=False)   # prefill + new_tokens steps
+            sample.generate(model, prompt, tokens, loops=loops, cuda_graph=False)
             if on_gpu:
                 torch.cuda.synchronize()
-    table, gpu = prof.key_averages(), gpu_timeline(prof)
+        return prof
+
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        sample.generate(model, prompt, 4, loops=loops, cuda_graph=False)        # warm-up (and compiling)
+        prefill, prof = profiled(1), profiled(new_tokens + 1)                   # the prompt; + new_tokens steps
+    table, gpu, alone = prof.key_averages(), gpu_timeline(prof), gpu_timeline(prefill)
+    step = {key: (gpu[key] - alone[key]) / new_tokens for key in ("kernels", "kernel_s")}
+    kinds = sorted(((gpu["by_family_s"][k] - alone["by_family_s"].get(k, 0.0)) / new_tokens, k)
+                   for k in gpu["by_family_s"])
+    one = (f" One decoding step: {step['kernels']:.0f} kernels, {1e3 * step['kernel_s']:.2f} ms of GPU time ("
+           + ", ".join(f"{kind} {1e3 * t:.2f}" for t, kind in reversed(kinds) if t > 0) + " ms)") if on_gpu else ""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"loops {loops}, batch 1: the prefill of 128 tokens and {new_tokens} decoding steps; {gpu['kernels']} "
-                f"GPU kernels and copies, {1e3 * gpu['kernel_s']:.1f} ms of GPU time in all\n\n")
+                f"GPU kernels and copies, {1e3 * gpu['kernel_s']:.1f} ms of GPU time in all.{one}\n\n")
         f.write(table.table(sort_by="device_time_total" if on_gpu else "cpu_time_total", row_limit=50))
 
 
@@ -489,6 +499,8 @@ def main():
                         "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
     parser.add_argument("--small", action="store_true", help="only time the scaling sweep's small models in steady "
                         "state (default --out: bench/results/throughput_small)")
+    parser.add_argument("--batch_size", type=int, help="with --small: sequences of 512 tokens a step (default: the "
+                        "sweep's, bench/scaling.py)")
     parser.add_argument("--out", help="the results' path without .json / .md (default: bench/results/throughput)")
     args = parser.parse_args()
     default = ("throughput_layouts" if args.layouts_only else "throughput_cache" if args.cache_modes_only
@@ -510,7 +522,9 @@ def main():
         import scaling      # the sweep's layout
         write = lambda results: common.write_results(os.path.dirname(args.out), os.path.basename(args.out), results,
                                                      small_markdown)
-        results = time_small(args.steps, torch.device("cuda"), scaling.SCALING["small"]["layers"], save=write)
+        sweep = scaling.SCALING["small"]
+        results = time_small(args.steps, torch.device("cuda"), sweep["layers"], args.batch_size or
+                             sweep["train"]["batch_size"], save=write)
         print(small_markdown(results))
         return
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),

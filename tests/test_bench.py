@@ -532,7 +532,7 @@ def test_steady_state_leaves_out_the_steps_that_compiled_and_warmup_ends_after_t
 def test_the_small_throughput_mode_writes_a_run_per_model_and_layout(tmp_path):
     """On the CPU, not compiled, tiny shapes: the layout of throughput_small.json (no timing asserted)."""
     write = lambda results: common.write_results(str(tmp_path), "throughput_small", results, throughput.small_markdown)
-    results = throughput.time_small(4, torch.device("cpu"), (1, 1, 1), compiled=False, save=write, batch_size=4,
+    results = throughput.time_small(4, torch.device("cpu"), (1, 1, 1), 4, compiled=False, save=write,
                                     block_size=32, n_embd=32, n_head=2, vocab_size=97)
     with open(tmp_path / "throughput_small.json") as f:
         assert json.load(f) == json.loads(json.dumps(results))
@@ -561,7 +561,7 @@ def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(t
                                   "throughput_layouts", "throughput_cache", "stability", "quality", "loops",
                                   "adaptive", "scaling", "ddp", "ddp_2xh200/ddp", "ddp_4xh200/ddp",
                                   "throughput_before_after", "throughput_small", "throughput_770m", "throughput_1.3b",
-                                  "throughput_parcae_1.3b", "speculative"])
+                                  "throughput_parcae_1.3b", "speculative", "scaling_code64/scaling"])
 def test_each_committed_table_is_what_its_script_makes_of_its_json(name):
     """bench/results/*.md are not edited by hand: each is its script's markdown() of the JSON beside it."""
     results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")

@@ -300,10 +300,11 @@ def test_the_gpu_sweep_meets_its_plan(tmp_path):
     assert top["tokens_per_param"] >= 300
     for r in runs:
         s = r["settings"]
-        assert r["tokens"] <= 1.5 * 650e6 and scaling.job_time([r], args) <= args.scaling["job_seconds"] <= 540
+        # at most 1.5 epochs of data/src, whose 591,866,250 training tokens the first GPU job recorded
+        assert r["tokens"] <= 1.5 * 591_866_250 and scaling.job_time([r], args) <= args.scaling["job_seconds"] <= 540
         assert s["momentum_warmup_iters"] == max(1, round(scaling.MOMENTUM_WARMUP_SHARE * s["max_iters"]))
         assert s["eval_interval"] == s["max_iters"] and s["seed"] == scaling.SEED and s["compile"] is True
-        assert s["batch_size"] * s["block_size"] == 64 * 512 and s["n_embd"] == 256
+        assert s["batch_size"] * s["block_size"] == 128 * 512 and s["n_embd"] == 256
     assert scaling.MOMENTUM_WARMUP_SHARE == 300 / 21_400
 
 # -----------------------------------------------------------------------------
@@ -446,7 +447,7 @@ def test_a_dry_run_lists_the_gpu_jobs_left_and_trains_nothing(toy_data, tmp_path
 
 def records_of(runs, loss=2.0, data=None):
     """A scaling.json as a GPU job leaves it: these runs finished, one call that trained them."""
-    data = data or {"data_dir": "data/code", "tokenizer": "byte", "vocab_size": 257, "source": "made up",
+    data = data or {"data_dir": "data/src", "tokenizer": "byte", "vocab_size": 257, "source": "made up",
                     "train_tokens": 650_000_000, "train_sha256": "ab" * 32, "val_tokens": 1, "val_sha256": "cd" * 32}
     call = {"runs": [r["name"] for r in runs], "flops": 1.0, "seconds": 1.0, "device": "NVIDIA H200", "torch": "2.11"}
     return {"data": data, "calls": [call],
@@ -454,12 +455,12 @@ def records_of(runs, loss=2.0, data=None):
 
 
 def test_a_plan_on_a_machine_without_the_corpus_continues_from_every_committed_record(tmp_path, monkeypatch, capsys):
-    """The small sweep planned where data/code is not (the lead's machine): its runs come from the records in
+    """The small sweep planned where data/src is not (the lead's machine): its runs come from the records in
     bench/results, scaling.json and a second job's scaling_<job>.json merged; the jobs left exclude them."""
     committed = tmp_path / "committed"
     committed.mkdir()
     monkeypatch.setattr(scaling, "RESULTS", str(committed))
-    monkeypatch.chdir(tmp_path)         # no data/code here
+    monkeypatch.chdir(tmp_path)         # no data/src here
     dry = ["--dry_run", "--results_dir", str(committed)]     # (the default would read the real bench/results)
     args = scaling.parse(dry)
     assert args.meta == {"vocab_size": 257, "train_tokens": None} and args.ledger == {}
@@ -475,16 +476,16 @@ def test_a_plan_on_a_machine_without_the_corpus_continues_from_every_committed_r
     left = sorted(name for command in commands for name in command.split("--only ")[1].split())
     assert left == sorted(r["name"] for r in runs if r["name"] not in done)
     for command in commands:      # the corpus unless the machine still has it, then the job, its report into $OUT
-        assert command.startswith("{ [ -f data/code/meta.json ] || python prepare.py --input \"$(python -c")
-        assert "--tokenizer byte --name code; } && python bench/scaling.py --results_dir \"$OUT\" --only" in command
+        assert command.startswith("{ [ -f data/src/meta.json ] || python prepare.py --input \"$(python -c")
+        assert "--tokenizer byte --name src; } && python bench/scaling.py --results_dir \"$OUT\" --only" in command
         assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0 and len(command) < 2000
     args = scaling.parse(dry)
     assert len(args.calls) == 2 and args.meta["train_tokens"] == 650_000_000      # calls merged, not repeated
-    with pytest.raises(SystemExit, match="data/code/meta.json not found: prepare the sweep's corpus first, python prepare"):
+    with pytest.raises(SystemExit, match="data/src/meta.json not found: prepare the sweep's corpus first, python prepare"):
         scaling.parse(["--only", "gpt_*", "--results_dir", str(committed)])
     other = records_of(second, data={**records_of([])["data"], "train_sha256": "ef" * 32})
     (committed / "scaling_job3.json").write_text(json.dumps(other))
-    with pytest.raises(SystemExit, match="trained on another data/code"):
+    with pytest.raises(SystemExit, match="trained on another data/src"):
         scaling.parse(dry)
 
 
