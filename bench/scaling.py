@@ -39,7 +39,7 @@ The plan (preset small), for one H200 and ≤ 10-minute GPU jobs.
   steps   128 × 512 = 65,536 tokens, one micro-batch; compiled. A small run's step is bound by the host
           (launches, Python), not the GPU: on an H200 the Transformer's step took 14.8 ms at 64 × 512 and
           14.2 ms at 128 × 512 (`bench/throughput.py --small --batch_size 64`, then 128, times the same
-          steps), so twice the tokens a step is about twice the rate; Parcae's, 27.6 and 42.7 ms.
+          steps), so twice the tokens a step is about twice the rate.
   budgets 4.4e14, 1.05e15, 2.5e15, 5.9e15, 1.4e16 FLOPs: 5 over 32×, 2.37× apart. At 1.4e16 the μ_rec 1
           run reads 756M tokens, 303 per non-embedding parameter (the paper's fixed-depth runs read 50 to
           3,300 per block parameter), and the Transformer 823M: 1.39 epochs. At 4.4e14, 9.5 per
