@@ -417,10 +417,12 @@ def measured_rate(calls):
 def time_model(runs, args):
     """(start-up seconds, FLOP/s over all runs on the GPU, measured) for the time estimates. A run's wall
     time is about its start-up (Python, compiling, the first steps) plus its FLOPs at a parallel-th of the
-    GPU's rate: least squares over the finished runs whose wall times are known, once 4 of them differ in
-    size (measured True); until then the preset's guesses."""
+    GPU's rate: least squares over the finished runs whose wall times are known, once there are 4 and the
+    largest has at least twice the smallest's FLOPs (measured True; one budget's runs, all about the same
+    size, leave the slope to their noise); until then the preset's guesses."""
     known = [(r["flops"] + r["eval_flops"], wall) for r in runs if (wall := wall_seconds(r, args.ledger))]
-    if len({work for work, _ in known}) >= 4:
+    works = [work for work, _ in known]
+    if len(works) >= 4 and max(works) >= 2 * min(works):
         slope, startup = np.polyfit(*zip(*known), 1)
         if slope > 0 and startup >= 0:
             return float(startup), args.parallel / float(slope), True

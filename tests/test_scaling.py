@@ -259,6 +259,11 @@ def test_the_deepest_extension_ends_the_extending_and_small_budgets_get_no_secon
 def test_the_time_model_is_measured_from_the_runs_wall_times(plan_args):
     runs = scaling.plan(plan_args)
     assert scaling.time_model(runs, plan_args) == (3, 1e9, False)      # the preset's, until runs say otherwise
+    # 4 runs of about the same FLOPs (as one budget's are in the small preset): no slope to trust
+    alike = [{**r, "flops": 1e9 + i * 1e8, "eval_flops": 0.0} for i, r in enumerate(runs[:4])]
+    for r in alike:
+        plan_args.ledger[scaling.key(r)] = {"wall_s": 2 + r["flops"] * 4 / 5e9}
+    assert scaling.time_model(alike, plan_args) == (3, 1e9, False)
     for r in runs[:5]:        # wall time = 2 s + FLOPs at a parallel-th of 5e9 FLOP/s
         plan_args.ledger[scaling.key(r)] = {"wall_s": 2 + (r["flops"] + r["eval_flops"]) * 4 / 5e9}
     startup, rate, measured = scaling.time_model(runs, plan_args)
