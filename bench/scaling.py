@@ -71,7 +71,8 @@ Fits, numpy only.
   bootstrap   --bootstrap resamples (seed 0) of the runs and seeds within each budget, with replacement,
               a budget redrawn until it has ≥ 3 distinct μ_rec: each budget's optimum (the vertex, or the
               better end) gives μ*'s 95 % interval (percentiles; an end of the swept range means "this
-              far or beyond"), and the laws across budgets those of a, b and α.
+              far or beyond"; none for a budget of only 3 μ_rec, which every resample fits exactly),
+              and the laws across budgets those of a, b and α.
   across C    μ* = k·C^a and D* = k'·C^b (least squares in log-log); L* = E + A·C^(−α): for each α the
               law is linear in E and A, so loops.fit_exponential scans α as it scans z (on ln C/C_min).
   parametric  the paper's L = E + A·N^(−α) + B·D^(−β) over every Parcae run, N = N(μ_rec) the unrolled
@@ -682,7 +683,11 @@ def bootstrap(points, flops_at, resamples, seed=0):
             if laws[law]:
                 draws[name].append(laws[law][field])
     interval = lambda v: np.percentile(v, [2.5, 97.5]).tolist() if v else None
-    return {"resamples": resamples, "seed": seed, "mu_star": {C: interval(v) for C, v in optimum.items()},
+    # a parabola through 3 points fits them exactly, and a resample of 3 distinct μ_rec is those 3 again:
+    # its interval would have no width whatever the noise, so a budget needs 4 distinct μ_rec for one
+    spread = {C: len({mu for mu, _ in pts}) >= 4 for C, pts in points.items()}
+    return {"resamples": resamples, "seed": seed,
+            "mu_star": {C: interval(v) if spread[C] else None for C, v in optimum.items()},
             **{name: {"ci95": interval(v), "used": len(v)} for name, v in draws.items()}}
 
 
@@ -995,7 +1000,7 @@ def plot_laws(results, path):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     C_line = np.geomspace(min(results["budgets"]), max(results["budgets"]), 50)
     for b in fits:      # each budget's optimum with its 95 % interval (hollow: at an end of the swept range)
-        f, (lo, hi) = b["fit"], b["mu_star_ci95"]
+        f, (lo, hi) = b["fit"], b["mu_star_ci95"] or (b["fit"]["mu_best"],) * 2     # (3 μ_rec: no interval)
         below, above = max(0.0, f["mu_best"] - lo), max(0.0, hi - f["mu_best"])
         axes[0].errorbar(b["budget"], f["mu_best"], yerr=[[below], [above]], fmt="o",
                          color="C0" if f["mu_star"] else "C3", mfc="C0" if f["mu_star"] else "none", capsize=3)

@@ -150,6 +150,14 @@ def test_the_bootstrap_interval_of_each_budgets_optimum_covers_the_true_one():
     assert covered >= 34
 
 
+def test_a_budget_of_three_depths_gets_no_interval():
+    """Every resample of 3 distinct μ_rec is those 3 again, which a parabola fits exactly: the interval would
+    have no width however noisy the runs, so there is none; the optimum is still fitted."""
+    pts = [(1, 0.958), (4, 1.093), (8, 1.412)]      # the first 3 looped runs of the byte sweep at 4.4e14
+    assert scaling.bootstrap({4.4e14: pts}, None, 50)["mu_star"][4.4e14] is None
+    assert scaling.bootstrap({4.4e14: pts + [(2, 0.95)]}, None, 50)["mu_star"][4.4e14] is not None
+
+
 E_LAW = {"E": 1.2, "A": 400.0, "alpha": 0.35, "B": 900.0, "beta": 0.3}
 
 
@@ -374,9 +382,12 @@ def test_the_second_seeds_retrain_the_three_runs_nearest_the_optimum_of_the_two_
 def test_each_budget_has_its_parabola_interval_and_the_laws_theirs(sweep):
     results = sweep["results"]
     for b in results["isoflop"]:
-        f, (lo, hi) = b["fit"], b["mu_star_ci95"]
+        f, interval = b["fit"], b["mu_star_ci95"]
         assert np.polyval(f["coef"], np.log(f["mu"])) == pytest.approx(f["loss"], abs=0.5)    # a fit, of noisy runs
-        assert min(f["mu"]) <= lo <= hi <= max(f["mu"])
+        # an interval only with 4 distinct μ_rec or more: every resample of 3 fits them exactly
+        assert (interval is not None) == (len(set(f["mu"])) >= 4)
+        if interval:
+            assert min(f["mu"]) <= interval[0] <= interval[1] <= max(f["mu"])
         if f["mu_star"] is not None:
             assert 1 <= f["mu_star"] <= max(f["mu"]) and f["D_star"] == pytest.approx(b["budget"] / scaling.interpolate_flops(
                 {r["mu"]: r["flops_per_token"] for r in results["runs"] if r["mu"]})(f["mu_star"]))
