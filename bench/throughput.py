@@ -36,13 +36,14 @@ config's whole run would take on 8 GPUs at 8 times that rate:
     python bench/throughput.py --small [--batch_size 64]
 d 256, 2 heads of 128, the byte vocabulary (257), the sweep's tokens a step (128 × 512; --batch_size
 sequences of 512 instead), μ_rec 4 and μ_bwd 2, in the P/R/C layouts 1/2/1 and the sweep's
-(bench/scaling.py); for each, the Transformer with the same unique layers, and Parcae with depths drawn per sequence (as trained) and with one depth for the
-whole step. Every step of --steps (default 400) is timed from one host sync to the next, as
-train.py syncs once a step, compiled as train.py compiles. Steps during which torch.compile made a
-graph are left out of the rates and counted apart; warmup_s is the time until the last of them
-ended (steady state from then on). The rates are of the steady steps of the second half, and count
-useful FLOPs only: each step's from the depths drawn for it, Σ over its sequences of
-model.flops_per_token(loops=T) (work on a sequence that has left the loop would not count).
+(bench/scaling.py); for each, the Transformer with the same unique layers, and Parcae with depths
+drawn per sequence (as trained) and with one depth for the whole step. Every step of --steps
+(default 400) is timed from one host sync to the next, as train.py syncs once a step, compiled as
+train.py compiles. Steps during which torch.compile made a graph are left out of the rates and
+counted apart; warmup_s is the time until the last of them ended (steady state from then on). The
+rates are of the steady steps of the second half, and count useful FLOPs only: each step's from the
+depths drawn for it, Σ over its sequences of model.flops_per_token(loops=T) (work on a sequence that
+has left the loop would not count), counted after the timed steps.
 """
 
 import argparse
