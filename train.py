@@ -460,13 +460,14 @@ class GraphedIterations:
 def capture(step, pool=None):
     """Record step() as a CUDA graph, which runs nothing: the graph, and the tensors its replays write. Python's
     garbage collector waits meanwhile: it might free an older graph, which CUDA forbids while recording."""
-    graph = torch.cuda.CUDAGraph()
+    graph, collecting = torch.cuda.CUDAGraph(), gc.isenabled()
     gc.disable()
     try:
         with torch.cuda.graph(graph, pool=pool):
             out = step()
     finally:
-        gc.enable()
+        if collecting:          # as the caller had it
+            gc.enable()
     return graph, out
 
 
