@@ -191,20 +191,21 @@ def test_the_compiled_model_computes_the_same_loss_and_gradients():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("bf16", [False, True])
 def test_iterations_replayed_as_cuda_graphs_follow_the_weights_as_they_change(bf16):
-    """The no-grad iterations replay recorded graphs; after the weights change in place (as an optimizer
-    step changes them), a replay computes with the new weights, also under bf16 autocast."""
+    """The no-grad iterations replay recorded graphs, one per number of running sequences rounded up to a
+    multiple of 8; after the weights change in place (as an optimizer step changes them), a replay computes
+    with the new weights, also under bf16 autocast."""
     from conftest import tiny, tokens
     model = tiny().cuda()
     graphed = train.GraphedIterations(model.core_iteration)
-    x = tokens(B=4, L=16)[:, :-1].cuda()
-    e = torch.randn(4, 16, 32, device="cuda")
-    h = torch.randn(4, 16, 32, device="cuda")
+    x = tokens(B=12, L=16)[:, :-1].cuda()
+    e = torch.randn(12, 16, 32, device="cuda")
+    h = torch.randn(12, 16, 32, device="cuda")
     cos, sin = model.cos[:16], model.sin[:16]
     for change in range(3):
         # one autocast block per step, as in training: inside one, eager code reuses autocast's bf16 copies
         # of the weights, made before they changed
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            for m in (4, 3, 4):        # two shapes: two graphs in one pool, each replayed again
+            for m in (8, 3, 12, 8):    # 8 rows, 8 with 5 padded, 16 with 4 padded: two graphs in one pool
                 want = model.core_iteration(h[:m], e[:m], x[:m], cos, sin)
                 got = graphed(h[:m], e[:m], x[:m], cos, sin)
                 # The same kernels on the same inputs, except that cuBLAS may pick another algorithm
