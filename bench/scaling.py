@@ -64,14 +64,18 @@ Test-time depth. Every run keeps its checkpoint, and train.py evaluates it at th
 
 Fits, numpy only.
   per budget  the validation loss at T = μ_rec against x = ln μ_rec, every run and seed a point: a
-              least-squares parabola. Its vertex is μ*(C) when the parabola opens upward and the vertex
-              lies inside the swept range; otherwise the budget has no μ* (the tables say at which end
-              its lowest loss is) and stays out of the μ* and D* laws. D*(C) = C / F(μ*), F interpolated
-              log-log between the swept μ_rec. L*(C): the parabola's lowest value over the swept range.
+              least-squares parabola over the window of the 4 swept μ_rec nearest (in x) the one of
+              lowest mean loss. Its vertex is μ*(C) when the parabola opens upward and the vertex lies
+              inside the window; otherwise the budget has no μ* (the tables say at which end its lowest
+              loss is) and stays out of the μ* and D* laws. A window, not every μ_rec: over 8× in μ_rec
+              an isoFLOP curve need not be a parabola. At 1.4e16 the one through all six μ_rec opened
+              downward, its best at μ_rec 8, though both seeds were lower at 6 than at 4 or 8.
+              D*(C) = C / F(μ*), F interpolated log-log between the swept μ_rec. L*(C): the parabola's
+              lowest value over the window.
   bootstrap   --bootstrap resamples (seed 0) of the runs and seeds within each budget, with replacement,
               a budget redrawn until it has ≥ 3 distinct μ_rec: each budget's optimum (the vertex, or the
-              better end) gives μ*'s 95 % interval (percentiles; an end of the swept range means "this
-              far or beyond"; none for a budget of only 3 μ_rec, which every resample fits exactly),
+              better end of its window) gives μ*'s 95 % interval (percentiles; an end of the swept range
+              means "this far or beyond"; none for a budget of only 3 μ_rec, which every resample fits exactly),
               and the laws across budgets those of a, b and α.
   across C    μ* = k·C^a and D* = k'·C^b (least squares in log-log); L* = E + A·C^(−α): for each α the
               law is linear in E and A, so loops.fit_exponential scans α as it scans z (on ln C/C_min).
@@ -127,6 +131,7 @@ LAW_R2 = 0.9            # our bar for a law across checkpoints
 PAPER = {"a": 0.40, "b": 0.78}   # μ* ∝ C^0.40, D* ∝ C^0.78 (MODEL.md section 9)
 SEED = train.SETTINGS["seed"]    # the first seed; second seeds are SEED + 1
 SEEDED_BUDGETS, SEEDED_RUNS = 2, 3      # second seeds: the 3 μ_rec nearest the optimum of the 2 largest budgets
+WINDOW = 4      # a budget's parabola: over the 4 swept μ_rec nearest (in ln μ_rec) its lowest mean loss
 # Muon's momentum warm-up takes the same share of every run as of the release's 140m run
 RELEASE = train.parse_settings([os.path.join(common.ROOT, "config", "parcae_140m.py")])
 MOMENTUM_WARMUP_SHARE = RELEASE["momentum_warmup_iters"] / RELEASE["max_iters"]
@@ -343,6 +348,8 @@ def plan(args):
                 and len(losses) >= 3:
             best = fit_budget(C, list(losses.items()))["mu_best"]
             nearest = sorted(losses, key=lambda mu: (abs(math.log(mu / best)), mu))[:SEEDED_RUNS]
+            # and those an earlier plan placed (another optimum then) that have run: they stay in the report
+            nearest += [mu for mu in losses if mu not in nearest and ended(make_run(args, C, mu, SEED + 1), args.ledger)]
             runs += [make_run(args, C, mu, SEED + 1) for mu in sorted(nearest)]
     return runs
 
@@ -610,9 +617,13 @@ def interpolate_flops(table):
 
 
 def fit_budget(C, points, flops_at=None):
-    """One budget's parabola of loss in ln μ_rec, and μ*, D*, L* from it (see the module docstring); D* needs
-    F(μ), flops_at."""
-    mus, losses = map(np.array, zip(*points))
+    """One budget's parabola of loss in ln μ_rec over the WINDOW swept μ_rec nearest its lowest mean loss,
+    and μ*, D*, L* from it (see the module docstring); D* needs F(μ), flops_at."""
+    swept = sorted({mu for mu, _ in points})
+    mean = {mu: np.mean([loss for m, loss in points if m == mu]) for mu in swept}
+    lowest = min(swept, key=mean.get)
+    window = sorted(swept, key=lambda mu: (abs(math.log(mu / lowest)), mu))[:WINDOW]
+    mus, losses = map(np.array, zip(*[(mu, loss) for mu, loss in points if mu in window]))
     x = np.log(mus)
     coef = np.polyfit(x, losses, 2)
     lo, hi = x.min(), x.max()
@@ -620,7 +631,7 @@ def fit_budget(C, points, flops_at=None):
     inside = vertex is not None and lo <= vertex <= hi
     best = vertex if inside else min((lo, hi), key=lambda v: np.polyval(coef, v))
     mu_star = math.exp(best) if inside else None
-    return {"budget": C, "mu": mus.tolist(), "loss": losses.tolist(), "coef": coef.tolist(),
+    return {"budget": C, "swept": swept, "mu": mus.tolist(), "loss": losses.tolist(), "coef": coef.tolist(),
             "mu_star": mu_star, "D_star": C / flops_at(mu_star) if inside and flops_at else None,
             "L_star": float(np.polyval(coef, best)), "mu_best": math.exp(best),
             "edge": None if inside else ("smallest" if best == lo else "largest")}

@@ -112,6 +112,18 @@ def test_the_bootstrap_intervals_contain_the_true_exponents_of_noisy_curves():
     assert scaling.bootstrap(points, FLOPS_AT, 20) == scaling.bootstrap(points, FLOPS_AT, 20)    # a fixed seed
 
 
+def test_the_parabola_fits_the_window_around_the_lowest_loss():
+    # the shape of the sweep's 1.4e16 curve: μ_rec 1 below 2, then a minimum near 5. The 4 μ_rec nearest
+    # the lowest point lie on a parabola in ln μ_rec with its vertex at 5, so the window recovers it up to
+    # rounding; one parabola through all 6 opens downward and has no vertex at all
+    parabola = lambda mu: 0.631 + 0.01 * math.log(mu / 5) ** 2
+    points = [(mu, parabola(mu)) for mu in (3, 4, 6, 8)] + [(1, 0.636), (2, 0.645)]
+    assert np.polyfit(np.log([m for m, _ in points]), [loss for _, loss in points], 2)[0] < 0
+    f = scaling.fit_budget(1e16, points, FLOPS_AT)
+    assert sorted(f["mu"]) == [3, 4, 6, 8] and f["swept"] == [1, 2, 3, 4, 6, 8]
+    assert f["mu_star"] == pytest.approx(5, rel=1e-9) and f["L_star"] == pytest.approx(0.631, abs=1e-12)
+
+
 def test_a_minimum_outside_the_swept_range_gives_no_mu_star():
     """A loss that falls all the way to the deepest μ has no vertex inside: the budget says where its lowest
     loss is and stays out of the μ* law."""
@@ -386,12 +398,12 @@ def test_each_budget_has_its_parabola_interval_and_the_laws_theirs(sweep):
         assert np.polyval(f["coef"], np.log(f["mu"])) == pytest.approx(f["loss"], abs=0.5)    # a fit, of noisy runs
         # an interval only with 4 distinct μ_rec or more: every resample of 3 fits them exactly
         assert (interval is not None) == (len(set(f["mu"])) >= 4)
-        if interval:
-            assert min(f["mu"]) <= interval[0] <= interval[1] <= max(f["mu"])
+        if interval:    # a resample's window may lie elsewhere in the swept range
+            assert min(f["swept"]) <= interval[0] <= interval[1] <= max(f["swept"])
         if f["mu_star"] is not None:
             assert 1 <= f["mu_star"] <= max(f["mu"]) and f["D_star"] == pytest.approx(b["budget"] / scaling.interpolate_flops(
                 {r["mu"]: r["flops_per_token"] for r in results["runs"] if r["mu"]})(f["mu_star"]))
-        assert math.isfinite(b["gpt_loss"]) and min(f["mu"]) <= b["mu_star_law"] <= max(f["mu"])
+        assert math.isfinite(b["gpt_loss"]) and min(f["swept"]) <= b["mu_star_law"] <= max(f["swept"])
     laws, ci = results["laws"], results["bootstrap"]
     for k, law, field in (("a", "mu_star", "exponent"), ("b", "D_star", "exponent"), ("alpha", "L_star", "alpha")):
         if laws[law] and ci[k]["ci95"]:
