@@ -47,7 +47,9 @@ The plan (preset small), for one H200 and ≤ 10-minute GPU jobs.
   time    training and the one evaluation, 1.72e17 FLOPs for the 35 first runs, at 1.5e14 FLOP/s over 4
           runs at a time (the rate aimed at, 3× the char sweep's measured 5e13; a guess until the finished
           runs' wall times measure it, start-ups included, and scaling.json keeps the rate): ~19 minutes of
-          GPU, the 6 second seeds ~7 more. A run of the top budget would take ~420 s.
+          GPU, the 6 second seeds ~7 more. A run of the top budget would take ~420 s. Measured over the
+          9 calls of the sweep: 1.04e14 FLOP/s, at most 1.23e14 in one call (4 or more runs at a time;
+          one run alone 4.7e13), 38 runs in 39 minutes of training; 4 top-budget runs took 498 s together.
   jobs    the dry run packs the runs left into GPU jobs of at most `job_seconds` (510 s, within a
           device call's 10 minutes), counting the corpus (prepare_s) and the report after every run
           (report_s), and prints each job as one command. While the time model is a guess, the first
@@ -894,7 +896,8 @@ def markdown(results):
              f"- One test-time law: {v['law']}.", "",
              "Validation loss at T = μ_rec (a second seed after the slash); tokens per non-embedding parameter of "
              "the μ_rec 1 run, and the most epochs a run of the budget reads; μ* with its 95 % bootstrap interval over runs and seeds (an end of the "
-             "swept range: that far or beyond), D*, L* from the parabola in ln μ_rec; the parametric law's optimum.", "",
+             "swept range: that far or beyond), D*, L* from the parabola in ln μ_rec over the 4 μ_rec nearest the "
+             "lowest mean loss; the parametric law's optimum.", "",
              "| C | tokens/param | epochs | Transformer | " + " | ".join(f"μ={m}" for m in mus)
              + " | μ* [95 %] | D* | L* | law μ* |",
              "|---|---|---|---|" + "---|" * len(mus) + "---|---|---|---|"]
