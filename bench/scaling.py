@@ -67,9 +67,12 @@ Test-time depth. Every run keeps its checkpoint, and train.py evaluates it at th
 Fits, numpy only.
   per budget  the validation loss at T = μ_rec against x = ln μ_rec, every run and seed a point: a
               least-squares parabola over the window of the 4 swept μ_rec nearest (in x) the one of
-              lowest mean loss. Its vertex is μ*(C) when the parabola opens upward and the vertex lies
-              inside the window; otherwise the budget has no μ* (the tables say at which end its lowest
-              loss is) and stays out of the μ* and D* laws. A window, not every μ_rec: over 8× in μ_rec
+              lowest mean loss of the first seed, with an offset for the second: all of a seed's runs
+              read the same training batches (train.py get_batch), and the second seed's were lower
+              at all 7 pairs, by 0.002 to 0.010 nats. The first seed's parabola, the Transformer's
+              seed too, is the budget's. Its vertex is μ*(C) when the parabola opens upward and the
+              vertex lies inside the window; otherwise the budget has no μ* (the tables say at which
+              end its lowest loss is) and stays out of the μ* and D* laws. A window, not every μ_rec: over 8× in μ_rec
               an isoFLOP curve need not be a parabola. At 1.4e16 the one through all six μ_rec opened
               downward, its best at μ_rec 8, though both seeds were lower at 6 than at 4 or 8.
               D*(C) = C / F(μ*), F interpolated log-log between the swept μ_rec. L*(C): the parabola's
@@ -563,8 +566,8 @@ def collect(args, runs, argv, trained):
            "runs": [run_result(r, args.meta["train_tokens"], args.ledger.get(key(r))) for r in runs]}
     done = [r for r in out["runs"] if r["model"] == "parcae" and r["val_loss"] is not None]
     flops_at = interpolate_flops({r["mu"]: r["flops_per_token"] for r in out["runs"] if r["mu"]})
-    points = {C: [(r["mu"], r["val_loss"]) for r in done if r["budget"] == C] for C in out["budgets"]}
-    fits = {C: fit_budget(C, pts, flops_at) for C, pts in points.items() if len({mu for mu, _ in pts}) >= 3}
+    points = {C: [(r["mu"], r["val_loss"], r["seed"]) for r in done if r["budget"] == C] for C in out["budgets"]}
+    fits = {C: fit_budget(C, pts, flops_at) for C, pts in points.items() if len({p[0] for p in pts}) >= 3}
     ci = bootstrap({C: points[C] for C in fits}, flops_at, args.bootstrap)
     out["parametric"] = parametric_law(done, flops_at, out["budgets"])
     out["isoflop"] = []
@@ -619,21 +622,31 @@ def interpolate_flops(table):
 
 
 def fit_budget(C, points, flops_at=None):
-    """One budget's parabola of loss in ln μ_rec over the WINDOW swept μ_rec nearest its lowest mean loss,
-    and μ*, D*, L* from it (see the module docstring); D* needs F(μ), flops_at."""
-    swept = sorted({mu for mu, _ in points})
-    mean = {mu: np.mean([loss for m, loss in points if m == mu]) for mu in swept}
-    lowest = min(swept, key=mean.get)
+    """One budget's parabola of loss in ln μ_rec over the WINDOW swept μ_rec nearest its lowest loss, with
+    an offset for each seed but the first, and μ*, D*, L* from it (see the module docstring); points are
+    (μ_rec, loss) or (μ_rec, loss, seed); D* needs F(μ), flops_at."""
+    points = [(p[0], p[1], p[2] if len(p) > 2 else SEED) for p in points]
+    swept = sorted({mu for mu, _, _ in points})
+    first = min(seed for _, _, seed in points)
+    mean = {mu: np.mean([loss for m, loss, seed in points if m == mu and seed == first])
+            for mu in swept if any(m == mu and seed == first for m, _, seed in points)}
+    lowest = min(mean, key=mean.get)
     window = sorted(swept, key=lambda mu: (abs(math.log(mu / lowest)), mu))[:WINDOW]
-    mus, losses = map(np.array, zip(*[(mu, loss) for mu, loss in points if mu in window]))
+    mus, losses, seeds = map(np.array, zip(*[p for p in points if p[0] in window]))
     x = np.log(mus)
-    coef = np.polyfit(x, losses, 2)
+    others = sorted(set(seeds.tolist()) - {first})
+    X = np.stack([x ** 2, x, np.ones_like(x)] + [(seeds == seed).astype(float) for seed in others], axis=1)
+    if np.linalg.matrix_rank(X) < X.shape[1]:       # an offset these runs cannot tell from the parabola
+        X, others = X[:, :3], []
+    solution = np.linalg.lstsq(X, losses, rcond=None)[0]
+    coef = solution[:3]                             # the first seed's curve
     lo, hi = x.min(), x.max()
     vertex = -coef[1] / (2 * coef[0]) if coef[0] > 0 else None
     inside = vertex is not None and lo <= vertex <= hi
     best = vertex if inside else min((lo, hi), key=lambda v: np.polyval(coef, v))
     mu_star = math.exp(best) if inside else None
-    return {"budget": C, "swept": swept, "mu": mus.tolist(), "loss": losses.tolist(), "coef": coef.tolist(),
+    return {"budget": C, "swept": swept, "mu": mus.tolist(), "loss": losses.tolist(), "seed": seeds.tolist(),
+            "coef": coef.tolist(), "seed_offsets": {int(s): float(v) for s, v in zip(others, solution[3:])},
             "mu_star": mu_star, "D_star": C / flops_at(mu_star) if inside and flops_at else None,
             "L_star": float(np.polyval(coef, best)), "mu_best": math.exp(best),
             "edge": None if inside else ("smallest" if best == lo else "largest")}
@@ -676,7 +689,7 @@ def fit_laws(fits):
 
 
 def bootstrap(points, flops_at, resamples, seed=0):
-    """95 % intervals from resampling the runs (and seeds) within each budget ({C: [(μ, loss)]}): each
+    """95 % intervals from resampling the runs (and seeds) within each budget ({C: [(μ, loss, seed)]}): each
     budget's optimum (its vertex, or the better end of the resample's range), and the laws' a, b and α."""
     rng = np.random.default_rng(seed)
     optimum = {C: [] for C in points}
@@ -686,7 +699,7 @@ def bootstrap(points, flops_at, resamples, seed=0):
         for C, pts in points.items():
             while True:     # a parabola needs 3 distinct μ_rec
                 pick = [pts[i] for i in rng.integers(0, len(pts), len(pts))]
-                if len({mu for mu, _ in pick}) >= 3:
+                if len({p[0] for p in pick}) >= 3:
                     break
             fits.append(fit_budget(C, pick, flops_at))
             optimum[C].append(fits[-1]["mu_best"])
@@ -698,7 +711,7 @@ def bootstrap(points, flops_at, resamples, seed=0):
     interval = lambda v: np.percentile(v, [2.5, 97.5]).tolist() if v else None
     # a parabola through 3 points fits them exactly, and a resample of 3 distinct μ_rec is those 3 again:
     # its interval would have no width whatever the noise, so a budget needs 4 distinct μ_rec for one
-    spread = {C: len({mu for mu, _ in pts}) >= 4 for C, pts in points.items()}
+    spread = {C: len({p[0] for p in pts}) >= 4 for C, pts in points.items()}
     return {"resamples": resamples, "seed": seed,
             "mu_star": {C: interval(v) if spread[C] else None for C, v in optimum.items()},
             **{name: {"ci95": interval(v), "used": len(v)} for name, v in draws.items()}}
@@ -782,15 +795,18 @@ def parametric_law(runs, flops_at, budgets):
 
 
 def seed_noise(runs):
-    """The runs trained with two seeds: their differences, and the seed noise σ of one run's loss they
-    imply, √(mean difference² / 2)."""
+    """The runs trained with two seeds: their differences, the seed noise σ of one run's loss they imply,
+    √(mean difference² / 2), and their mean with the σ left about it: a seed fixes the training batches
+    of all its runs, so part of a difference can be a shift of that seed's whole curve."""
     by = {}
     for r in runs:
         by.setdefault((r["budget"], r["mu"]), {})[r["seed"]] = r["val_loss"]
     pairs = [{"budget": C, "mu": mu, "losses": [v[s] for s in sorted(v)], "difference": v[SEED + 1] - v[SEED]}
              for (C, mu), v in sorted(by.items()) if len(v) == 2]
-    sigma = math.sqrt(sum(p["difference"] ** 2 for p in pairs) / (2 * len(pairs))) if pairs else None
-    return {"pairs": pairs, "sigma": sigma}
+    d = np.array([p["difference"] for p in pairs])
+    sigma = math.sqrt(float((d ** 2).sum()) / (2 * len(d))) if len(d) else None
+    about = math.sqrt(float(((d - d.mean()) ** 2).sum()) / (2 * (len(d) - 1))) if len(d) > 1 else None
+    return {"pairs": pairs, "sigma": sigma, "mean": float(d.mean()) if len(d) else None, "sigma_about_mean": about}
 
 
 def decays(fit):
@@ -872,6 +888,17 @@ def verdict(results):
 # outputs
 
 
+def fitted_over(results):
+    """Which points a record's parabolas went through, from what its fits hold: records made before the
+    window (bench/results/scaling_code64) fitted every μ_rec, and before the seed offsets, one curve."""
+    fits = [b["fit"] for b in results["isoflop"] if b["fit"]]
+    if fits and all("seed_offsets" in f for f in fits):
+        return f" over the {WINDOW} μ_rec nearest the first seed's lowest loss, the second seed with an offset"
+    if fits and all("swept" in f for f in fits):
+        return f" over the {WINDOW} μ_rec nearest the lowest mean loss"
+    return ""       # every μ_rec, as those records' tables said
+
+
 def markdown(results):
     fmt, v = common.fmt, results["verdict"]
     d, env = results["data"], results["environment"]
@@ -896,8 +923,8 @@ def markdown(results):
              f"- One test-time law: {v['law']}.", "",
              "Validation loss at T = μ_rec (a second seed after the slash); tokens per non-embedding parameter of "
              "the μ_rec 1 run, and the most epochs a run of the budget reads; μ* with its 95 % bootstrap interval over runs and seeds (an end of the "
-             "swept range: that far or beyond), D*, L* from the parabola in ln μ_rec over the 4 μ_rec nearest the "
-             "lowest mean loss; the parametric law's optimum.", "",
+             f"swept range: that far or beyond), D*, L* from the parabola in ln μ_rec{fitted_over(results)}; the "
+             "parametric law's optimum.", "",
              "| C | tokens/param | epochs | Transformer | " + " | ".join(f"μ={m}" for m in mus)
              + " | μ* [95 %] | D* | L* | law μ* |",
              "|---|---|---|---|" + "---|" * len(mus) + "---|---|---|---|"]
@@ -941,7 +968,9 @@ def markdown(results):
     if noise["pairs"]:
         lines += ["", "Seed noise: " + "; ".join(f"C {p['budget']:.3g} μ_rec {p['mu']}: {p['difference']:+.4f}"
                                                  for p in noise["pairs"])
-                  + f" (second seed minus first): σ ≈ {noise['sigma']:.4f} nats per run."]
+                  + f" (second seed minus first): σ ≈ {noise['sigma']:.4f} nats per run"
+                  + (f"; their mean {noise['mean']:+.4f}, and σ ≈ {noise['sigma_about_mean']:.4f} about it"
+                     if noise.get("sigma_about_mean") else "") + "."]
     tt = results["test_time"]
     lines += ["", "Test time: L(T) = L∞ + Z·exp(−z·T) per checkpoint (least squares over the finite T).", "",
               "| C | μ_rec | seed | L(1) | L(μ_rec) | L(T max) | L∞ | Z | z | R² |",

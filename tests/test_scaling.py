@@ -124,6 +124,25 @@ def test_the_parabola_fits_the_window_around_the_lowest_loss():
     assert f["mu_star"] == pytest.approx(5, rel=1e-9) and f["L_star"] == pytest.approx(0.631, abs=1e-12)
 
 
+def test_a_second_seed_gets_its_own_offset_not_a_tilt_of_the_curve():
+    # a seed fixes the training batches of all its runs, so the sweep's second seed sat lower at every
+    # pair. Here seed 1338 is the same parabola 0.007 nats lower at 3 of its μ_rec: with the offset the fit
+    # is exact again (rounding in lstsq, about 1e-16 times the condition number of a 7-column design,
+    # stays far below the tolerances); pooled as one curve, the lower points pull μ* towards them
+    parabola = lambda mu: 0.631 + 0.01 * math.log(mu / 5) ** 2
+    first = [(mu, parabola(mu), scaling.SEED) for mu in (3, 4, 6, 8)] + [(1, 0.636, scaling.SEED), (2, 0.645, scaling.SEED)]
+    second = [(mu, parabola(mu) - 0.007, scaling.SEED + 1) for mu in (3, 4, 6)]
+    f = scaling.fit_budget(1e16, first + second, FLOPS_AT)
+    assert sorted(set(f["mu"])) == [3, 4, 6, 8] and f["seed"].count(scaling.SEED + 1) == 3
+    assert f["mu_star"] == pytest.approx(5, rel=1e-9) and f["L_star"] == pytest.approx(0.631, abs=1e-10)
+    assert f["seed_offsets"][scaling.SEED + 1] == pytest.approx(-0.007, abs=1e-10)
+    pooled = scaling.fit_budget(1e16, [p[:2] for p in first + second], FLOPS_AT)     # μ* 4.58 here
+    assert pooled["seed_offsets"] == {} and pooled["mu_star"] < 4.7
+    # a second seed only at μ_rec outside the window takes no part in the fit, and gets no offset
+    alone = scaling.fit_budget(1e16, first + [(1, 0.62, scaling.SEED + 1)], FLOPS_AT)
+    assert alone["seed_offsets"] == {} and alone["mu_star"] == pytest.approx(5, rel=1e-9)
+
+
 def test_a_minimum_outside_the_swept_range_gives_no_mu_star():
     """A loss that falls all the way to the deepest μ has no vertex inside: the budget says where its lowest
     loss is and stays out of the μ* law."""
@@ -214,6 +233,8 @@ def test_seed_noise_is_the_rms_difference_over_root_two():
     noise = scaling.seed_noise(runs)
     assert [p["difference"] for p in noise["pairs"]] == [0.5, -0.25]     # exact binary fractions
     assert noise["sigma"] == math.sqrt((0.25 + 0.0625) / 4)
+    # mean 0.125; both differences 0.375 from it, and √(2·0.375² / 2) = 0.375: all exact in binary
+    assert noise["mean"] == 0.125 and noise["sigma_about_mean"] == 0.375
 
 # -----------------------------------------------------------------------------
 # the plan: which runs, how long, in which GPU jobs
