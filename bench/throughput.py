@@ -19,7 +19,8 @@ decoding step must (decode_bytes). --profile adds a torch.profiler
 table per model (its most expensive kernels, and how much of the step the GPU was busy, from
 the profiler's trace), and two of decoding at 16 loops, with and without compiling.
 `--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
-the layout sample.bf16_weights chooses; `--cache_modes_only` just decoding with the full and the
+the layout sample.bf16_weights chooses; `--decode_ops_only` one token's matmuls and attention by
+cuBLAS and each SDPA backend and as compiled reductions (time_decode_ops); `--cache_modes_only` just decoding with the full and the
 shared KV cache (sample.py --kv_cache).
 
 `--large_only` times just training of the 770m and 1.3b configs as each of 8 GPUs runs their recipe:
@@ -49,6 +50,7 @@ has left the loop would not count), counted after the timed steps.
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -319,6 +321,22 @@ def small_markdown(results):
     return "\n".join(lines) + "\n"
 
 
+def decode_ops_markdown(results):
+    lines = [f"One decoding token's matmuls and attention at parcae_350m's shapes, batch 1, bf16, on one "
+             f"{results['gpu']} (torch {results['torch']}, commit {results['commit']}): µs per call, "
+             f"{results['calls']} calls recorded in one CUDA graph and replayed; the bytes it must read, and the share of the "
+             "datasheet's bandwidth that makes; the largest difference from the first row of its group. Made by "
+             "`python bench/throughput.py --decode_ops_only`.", "",
+             "| operation | shape | variant | µs | MB read | of the bandwidth | max difference |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["decode_ops"]:
+        share = "–" if r["bandwidth_share"] is None else f"{100 * r['bandwidth_share']:.0f} %"
+        diff = "–" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {r['us']:.2f} | {r['bytes'] / 1e6:.2f} | "
+                     f"{share} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
 def gpu_timeline(prof):
     """The GPU's work in a profile, read from its trace (the chrome-trace export): the kernels, copies
     and memsets, each an interval of time. Returns how many, their summed time, how long at least
@@ -383,6 +401,105 @@ def time_weight_layouts(d, batch_size=1, calls=400):
             r[layout] = 1e6 * (time.perf_counter() - t0) / calls
         results.append(r)
     return results
+
+
+def per_call_us(fn, calls, device):
+    """µs per call of fn: on a GPU `calls` calls recorded in one CUDA graph and replayed, as decoding
+    replays them (two calls first, outside it, for cuBLAS, cuDNN and torch.compile to settle); on the
+    CPU, calls timed in a loop."""
+    fn(), fn()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return 1e6 * (time.perf_counter() - t0) / calls
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - t0) / calls
+
+
+def time_decode_ops(d=1024, n_head=16, spans=(256, 512), calls=200, device=torch.device("cuda"), compiled=True,
+                    save=lambda rows: None):
+    """
+    One decoding token's costliest operations at parcae_350m's shapes, batch 1, bf16, each timed by
+    per_call_us, with the bytes it must read and the share of the GPU's datasheet bandwidth that makes:
+    - a matmul by each weight of a block (d×d, 3d×d, 4d×d, d×4d): by cuBLAS over the column-major
+      weight that sample.bf16_weights stores, and as one multiply-and-sum over the row-major weight,
+      which torch.compile turns into a single reduction kernel (with and without its coordinate-descent
+      tuning of the kernel's block sizes);
+    - attention of one query over `span` cached positions with the additive mask KVCache makes, by
+      each SDPA backend, by flash attention without the mask (what attention could cost), and as a
+      compiled softmax(q kᵀ/√D + mask) v in fp32.
+    Each variant's largest difference from the first of its group (cuBLAS; the default SDPA) is kept;
+    save(rows) after each.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dtype, bandwidth = torch.bfloat16, peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    rows, tag = [], "" if compiled else " (not compiled)"
+
+    def measure(op, shape, variant, fn, nbytes, reference=None):
+        us, out = per_call_us(fn, calls, device), fn()
+        diff = None if reference is None else (out.float() - reference.float()).abs().max().item()
+        rows.append({"op": op, "shape": shape, "variant": variant, "us": us, "bytes": nbytes, "max_abs_diff": diff,
+                     "bandwidth_share": nbytes / (us * 1e-6) / bandwidth if bandwidth else None})
+        print(f"{op:9s} {shape:22s} {variant:40s} {us:7.2f} µs", flush=True)
+        save(rows)
+        return out
+
+    def compile_fresh(fn, **config):       # compiled on its first call, which per_call_us makes
+        torch._dynamo.reset()
+        if not compiled:
+            return fn
+        with torch._inductor.config.patch(**config):
+            compiled_fn = torch.compile(fn)
+            compiled_fn(*fn.example)
+        return compiled_fn
+
+    for out_features, in_features in ((d, d), (3 * d, d), (4 * d, d), (d, 4 * d)):
+        x = torch.randn(1, in_features, device=device, dtype=dtype)
+        w = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features ** 0.5
+        w_column_major, shape, nbytes = w.t().contiguous().t(), f"{out_features}x{in_features}", 2 * w.numel()
+        ref = measure("matmul", shape, "cuBLAS, column-major weight", lambda: torch.nn.functional.linear(x, w_column_major), nbytes)
+        mul_sum = lambda x, w: (x[:, None, :] * w).sum(-1)
+        mul_sum.example = (x, w)
+        for label, config in (("compiled multiply-and-sum", {}),
+                              ("compiled multiply-and-sum, tuned", {"coordinate_descent_tuning": True})):
+            fn = compile_fresh(mul_sum, **config)
+            measure("matmul", shape, label + tag, lambda: fn(x, w), nbytes, ref)
+    for span in spans:
+        q = torch.randn(1, n_head, 1, d // n_head, device=device, dtype=dtype)
+        k, v = (torch.randn(1, n_head, span, d // n_head, device=device, dtype=dtype) for _ in range(2))
+        mask = torch.zeros(1, span, device=device, dtype=dtype)
+        mask[:, span // 2 + 1:] = -math.inf         # half the window filled, as KVCache masks the rest
+        shape, nbytes = f"{n_head} heads x {span} keys", 2 * (k.numel() + v.numel())
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        ref = measure("attention", shape, "SDPA, default backend", lambda: sdpa(q, k, v, attn_mask=mask), nbytes)
+        backends = [("memory-efficient", SDPBackend.EFFICIENT_ATTENTION)] if device.type == "cuda" else []
+        for name, backend in backends + [("math", SDPBackend.MATH)]:
+            def by_backend(backend=backend):
+                with sdpa_kernel(backend):
+                    return sdpa(q, k, v, attn_mask=mask)
+            measure("attention", shape, f"SDPA, {name}", by_backend, nbytes, ref)
+        if device.type == "cuda":     # flash attention takes no mask: the filled keys alone
+            filled_k, filled_v = k[:, :, :span // 2 + 1], v[:, :, :span // 2 + 1]
+            def unmasked():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return sdpa(q, filled_k, filled_v)
+            measure("attention", shape, "SDPA, flash, the filled keys, no mask", unmasked,
+                    2 * (filled_k.numel() + filled_v.numel()), ref)
+        softmax = lambda q, k, v, mask: ((q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5
+                                         + mask).softmax(-1).type_as(v) @ v
+        softmax.example = (q, k, v, mask)
+        fn = compile_fresh(softmax)
+        measure("attention", shape, "compiled softmax" + tag, lambda: fn(q, k, v, mask), nbytes, ref)
+    return rows
 
 
 # memory bandwidth (bytes/s) from the vendors' datasheets, matched to the GPU's name as train.peak_flops matches
@@ -501,6 +618,9 @@ def main():
                         "--models: gpt_770m parcae_770m gpt_1.3b parcae_1.3b, --out: bench/results/throughput_large)")
     parser.add_argument("--flops_ratio_only", action="store_true", help="only print, for each Parcae model, the "
                         "FLOPs ratio of the masked loop to the active-sequences loop (on any machine)")
+    parser.add_argument("--decode_ops_only", action="store_true", help="only time one decoding token's matmuls and "
+                        "attention at parcae_350m's shapes, by cuBLAS and cuDNN and as compiled reductions (default "
+                        "--out: bench/results/throughput_decode_ops)")
     parser.add_argument("--small", action="store_true", help="only time the scaling sweep's small models in steady "
                         "state (default --out: bench/results/throughput_small)")
     parser.add_argument("--batch_size", type=int, help="with --small: sequences of 512 tokens a step (default: the "
@@ -508,7 +628,8 @@ def main():
     parser.add_argument("--out", help="the results' path without .json / .md (default: bench/results/throughput)")
     args = parser.parse_args()
     default = ("throughput_layouts" if args.layouts_only else "throughput_cache" if args.cache_modes_only
-               else "throughput_large" if args.large_only else "throughput_small" if args.small else "throughput")
+               else "throughput_large" if args.large_only else "throughput_small" if args.small
+               else "throughput_decode_ops" if args.decode_ops_only else "throughput")
     args.out = args.out or os.path.join(ROOT, "bench", "results", default)
     args.steps = args.steps or (400 if args.small else 8)
     if args.large_only and parser.get_default("models") == args.models:
@@ -530,6 +651,12 @@ def main():
         results = time_small(args.steps, torch.device("cuda"), sweep["layers"], args.batch_size or
                              sweep["train"]["batch_size"], save=write)
         print(small_markdown(results))
+        return
+    if args.decode_ops_only:
+        results = {**machine(torch.device("cuda")), "calls": 200}
+        write = lambda rows: common.write_results(os.path.dirname(args.out), os.path.basename(args.out),
+                                                  {**results, "decode_ops": rows}, decode_ops_markdown)
+        print(write(time_decode_ops(calls=results["calls"], save=write)))
         return
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
                "cuda": torch.version.cuda, "commit": common.environment()["commit"], "steps": args.steps,

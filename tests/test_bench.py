@@ -574,3 +574,22 @@ def test_each_committed_table_is_what_its_script_makes_of_its_json(name):
         pytest.skip("no committed scaling.json yet: the sweep's first GPU job writes it (bench/scaling.py --dry_run)")
     with open(os.path.join(results, name + ".json")) as f, open(os.path.join(results, name + ".md")) as g:
         assert markdown(json.load(f)) == g.read()
+
+
+def test_the_decode_ops_mode_times_each_variant_and_checks_it_computes_the_same():
+    """On the CPU, small shapes, nothing compiled: every matmul and attention variant is timed and agrees
+    with its group's first row. Outputs are of unit scale (weights scaled by 1/√in) and bf16 keeps 8
+    significant bits, so roundings differ by a few 2^-8 ≈ 0.004 over sums of at most 256 products; a
+    variant that computed something else (a transposed weight, a mask ignored) would differ by O(1)."""
+    torch.manual_seed(0)
+    rows = throughput.time_decode_ops(d=64, n_head=4, spans=(16,), calls=2, device=torch.device("cpu"), compiled=False)
+    matmuls, attention = [r for r in rows if r["op"] == "matmul"], [r for r in rows if r["op"] == "attention"]
+    assert len(matmuls) == 4 * 3 and len(attention) == 3      # cuBLAS and 2 reductions; default, math, softmax
+    assert {r["shape"] for r in matmuls} == {"64x64", "192x64", "256x64", "64x256"}
+    assert all(r["us"] > 0 and r["bandwidth_share"] is None for r in rows)
+    assert all((r["max_abs_diff"] is None) == (i % 3 == 0) for i, r in enumerate(matmuls))
+    assert all(r["max_abs_diff"] < 0.1 for r in rows if r["max_abs_diff"] is not None)
+    assert matmuls[0]["bytes"] == 2 * 64 * 64 and attention[0]["bytes"] == 2 * 2 * 4 * 16 * 16
+    text = throughput.decode_ops_markdown({"gpu": "cpu", "torch": torch.__version__, "commit": "x", "calls": 2,
+                                               "decode_ops": rows})
+    assert text.count("\n| matmul |") == 12 and text.count("\n| attention |") == 3
