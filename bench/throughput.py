@@ -322,7 +322,8 @@ def small_markdown(results):
 
 
 def decode_ops_markdown(results):
-    lines = [f"One decoding token's matmuls and attention at parcae_350m's shapes, batch 1, bf16, on one "
+    lines = [f"One decoding token's matmuls and attention at parcae_350m's width (d 1024; the heads in the "
+             f"shape column), batch 1, bf16, on one "
              f"{results['gpu']} (torch {results['torch']}, commit {results['commit']}): µs per call, "
              f"{results['calls']} calls recorded in one CUDA graph and replayed; the bytes it must read, and the share of the "
              "datasheet's bandwidth that makes; the largest difference from the first row of its group. Made by "
@@ -425,11 +426,12 @@ def per_call_us(fn, calls, device):
     return 1e6 * (time.perf_counter() - t0) / calls
 
 
-def time_decode_ops(d=1024, n_head=16, spans=(256, 512), calls=200, device=torch.device("cuda"), compiled=True,
+def time_decode_ops(d=1024, n_head=8, spans=(256, 512), calls=200, device=torch.device("cuda"), compiled=True,
                     save=lambda rows: None):
     """
-    One decoding token's costliest operations at parcae_350m's shapes, batch 1, bf16, each timed by
-    per_call_us, with the bytes it must read and the share of the GPU's datasheet bandwidth that makes:
+    One decoding token's costliest operations at parcae_350m's shapes (d 1024, 8 heads of 128), batch 1,
+    bf16, each timed by per_call_us, with the bytes it must read and the share of the GPU's datasheet
+    bandwidth that makes:
     - a matmul by each weight of a block (d×d, 3d×d, 4d×d, d×4d): by cuBLAS over the column-major
       weight that sample.bf16_weights stores, and as one multiply-and-sum over the row-major weight,
       which torch.compile turns into a single reduction kernel (with and without its coordinate-descent

@@ -561,7 +561,8 @@ def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(t
                                   "throughput_layouts", "throughput_cache", "stability", "quality", "loops",
                                   "adaptive", "scaling", "ddp", "ddp_2xh200/ddp", "ddp_4xh200/ddp",
                                   "throughput_before_after", "throughput_small", "throughput_770m", "throughput_1.3b",
-                                  "throughput_parcae_1.3b", "speculative", "scaling_code64/scaling"])
+                                  "throughput_parcae_1.3b", "speculative", "scaling_code64/scaling",
+                                  "throughput_decode_ops"])
 def test_each_committed_table_is_what_its_script_makes_of_its_json(name):
     """bench/results/*.md are not edited by hand: each is its script's markdown() of the JSON beside it."""
     results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
@@ -569,7 +570,8 @@ def test_each_committed_table_is_what_its_script_makes_of_its_json(name):
                 "adaptive": loops.adaptive_markdown, "speculative": loops.speculative_markdown,
                 "scaling": scaling.markdown,
                 "ddp": ddp.markdown, "throughput_before_after": before_after.markdown,
-                "throughput_small": throughput.small_markdown}.get(os.path.basename(name), throughput.markdown)
+                "throughput_small": throughput.small_markdown,
+                "throughput_decode_ops": throughput.decode_ops_markdown}.get(os.path.basename(name), throughput.markdown)
     if name == "scaling" and not os.path.exists(os.path.join(results, "scaling.json")):
         pytest.skip("no committed scaling.json yet: the sweep's first GPU job writes it (bench/scaling.py --dry_run)")
     with open(os.path.join(results, name + ".json")) as f, open(os.path.join(results, name + ".md")) as g:
