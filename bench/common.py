@@ -1,7 +1,8 @@
 """
 What bench/stability.py, bench/quality.py and bench/loops.py share: the size presets,
-the five models compared, a runner that launches train.py N runs at a time, and the
-read-outs of a run's metrics.jsonl (loss spikes, divergence, final validation loss).
+the five models compared, a runner that launches train.py N runs at a time, the
+read-outs of a run's metrics.jsonl (loss spikes, divergence, final validation loss),
+and decoding speed without the one-time costs (decoding_rate, bench/throughput.py's too).
 
 Every run is a plain `python train.py --key=value ...` in its own out_dir, so any of
 them can be repeated by hand: its command is the first line of its train.log.
@@ -9,6 +10,8 @@ them can be repeated by hand: its command is the first line of its train.log.
 
 import argparse
 import ast
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -23,8 +26,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import sample  # noqa: E402
 import train  # noqa: E402
-from model import GPT  # noqa: E402
+from model import GPT, KVCache  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # presets: one model size, token budgets and evaluation settings per name.
@@ -374,6 +378,37 @@ def print_plan(runs, meta, what, preset, parallel, gpus=(None,)):
     if epochs > 4:
         print(f"  warning: a run sees the training data {epochs:.1f} times")
 
+
+# -----------------------------------------------------------------------------
+# decoding speed
+
+
+def decoding_rate(model, prompt, timed, **generate):
+    """
+    New tokens per second of sample.generate() after prompt (B, L), the rows of the batch counted, and
+    the stats of its last run (bf16 autocast on a GPU): the time of timed[1] new tokens less that of
+    timed[0]. Both runs prefill the prompt and record a CUDA graph for each span of the cache that they
+    read, so only decoding steps are left in the difference, as long as both reach the same spans; a
+    warm-up of timed[0] tokens first records and compiles (under --compile) everything once.
+    """
+    bucket = inspect.signature(KVCache).parameters["bucket"].default
+    spans = [-(-(prompt.size(1) + n) // bucket) for n in timed]
+    if spans[0] != spans[1]:
+        raise ValueError(f"{prompt.size(1)} + {timed[0]} and {prompt.size(1)} + {timed[1]} positions end in "
+                         f"different spans of the cache ({bucket} positions each): the difference would time "
+                         "a recording")
+    times, stats = [], {}
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    with torch.autocast("cuda", dtype=torch.bfloat16) if prompt.is_cuda else contextlib.nullcontext():
+        sample.generate(model, prompt, timed[0], **generate)         # warm-up: cuBLAS, compiling, autocast's copies
+        for n in timed:
+            stats = {}
+            sync()
+            t0 = time.perf_counter()
+            sample.generate(model, prompt, n, stats=stats, **generate)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return len(prompt) * (timed[1] - timed[0]) / (times[1] - times[0]), stats
 
 # -----------------------------------------------------------------------------
 # read-outs of one run

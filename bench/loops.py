@@ -44,7 +44,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -381,22 +380,9 @@ TIMING = (f"{PROMPT}-token prompts; decoding steps only: the time of {TIMED[1]} 
 
 
 def decoding_rate(model, prompt, **generate):
-    """New tokens per second of generate() as sample.py decodes (bf16 autocast; fp32 weights here), and its
-    stats: the difference between two runs of TIMED tokens, which share the prefill and the recording of
-    the CUDA graphs (every step reads one span of the cache: prompt and new tokens fit in 256 positions),
-    so that only decoding steps are timed."""
-    times, stats = [], {}
-    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-    with autocast_for(prompt.device):
-        sample.generate(model, prompt, 16, **generate)      # warm-up (cuBLAS, autocast's weight copies)
-        for n in TIMED:
-            stats = {}
-            sync()
-            t0 = time.perf_counter()
-            sample.generate(model, prompt, n, stats=stats, **generate)
-            sync()
-            times.append(time.perf_counter() - t0)
-    return len(prompt) * (TIMED[1] - TIMED[0]) / (times[1] - times[0]), stats
+    """common.decoding_rate over TIMED tokens: every step reads one span of the cache (prompt and new
+    tokens fit in 256 positions)."""
+    return common.decoding_rate(model, prompt, TIMED, **generate)
 
 
 def decoding_speed(model, x, mu, cap, eps):

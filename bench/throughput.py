@@ -12,7 +12,8 @@ masked loop (every sequence padded to the deepest) and gives that loop's FLOPs r
 that skipping finished sequences can gain (`--flops_ratio_only` prints just the ratio, on any
 machine); the peak memory at mean_loops 8 and 32 with backprop_loops 4; and generation with
 the KV cache at 1, 8 and 16 loops as sample.py decodes (bf16 linear weights, each step replayed
-as a CUDA graph), with and without compiling the blocks (sample.py --compile), and at 16 loops
+as a CUDA graph; decoding steps only, the prefill and the graphs' recording and compiling left
+out: common.decoding_rate), with and without compiling the blocks (sample.py --compile), and at 16 loops
 also launched op by op, and compiled with the fp32 weights; each decoding figure also as a share
 of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just read what a
 decoding step must (decode_bytes). --profile adds a torch.profiler
@@ -535,27 +536,28 @@ def decode_bytes(model, loops, batch_size, positions):
     return 2 * (weights + kv)
 
 
-def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, new_tokens=256, shared_cache=False):
+GENERATION_TIMED = (136, 256)    # new tokens after a 128-token prompt: both runs end in the cache's second span
+
+
+def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, timed=GENERATION_TIMED,
+                    shared_cache=False):
+    """Decoding speed as sample.py decodes, one-time costs left out (common.decoding_rate: the time of
+    timed[1] new tokens less that of timed[0]), and memory: the cache, and the peak over those runs."""
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        sample.generate(model, prompt, 32, loops=loops, cuda_graph=cuda_graph, shared_cache=shared_cache)   # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        sample.generate(model, prompt, new_tokens, loops=loops, cuda_graph=cuda_graph, shared_cache=shared_cache)
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    rate, _ = common.decoding_rate(model, prompt, timed, loops=loops, cuda_graph=cuda_graph, shared_cache=shared_cache)
     c = model.config
     slots = c.n_prelude + (1 if shared_cache else loops) * c.n_core + c.n_coda
     cache_bytes = 2 * slots * batch_size * c.n_embd * c.block_size * 2      # k and v, bf16, the whole window
-    # the decoding steps attend to prompt_len + 1, ..., prompt_len + new_tokens - 1 positions
-    step_bytes = decode_bytes(model, loops, batch_size, positions=prompt_len + new_tokens / 2)
+    # the timed steps attend to prompt_len + timed[0] + 1, ..., prompt_len + timed[1] positions
+    step_bytes = decode_bytes(model, loops, batch_size, positions=prompt_len + sum(timed) / 2)
     bandwidth = peak_bandwidth(torch.cuda.get_device_name())
     return {"loops": loops, "batch_size": batch_size, "cuda_graph": cuda_graph,
             "kv_cache": "shared" if shared_cache else "full",
-            "new_tokens_per_sec": batch_size * new_tokens / dt, "ms_per_token": 1000 * dt / new_tokens,
+            "timed": list(timed), "new_tokens_per_sec": rate, "ms_per_token": 1000 * batch_size / rate,
             "step_gb": step_bytes / 1e9, "bound_tokens_per_sec": None if bandwidth is None else
             batch_size * bandwidth / step_bytes,
             "kv_cache_gb": cache_bytes / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
@@ -756,6 +758,16 @@ def main():
     print(markdown(results))
 
 
+def generation_timing(rows):
+    """How a record's decoding speeds were timed: records made before GENERATION_TIMED timed one run of
+    256 new tokens, its graphs' recording (and, with --compile, any compiling) included."""
+    timed = {tuple(g["timed"]) for g in rows if "timed" in g}
+    if not timed:
+        return "256 new tokens"
+    return "decoding steps only: the time of " + ", ".join(f"{b} new tokens less that of {a}" for a, b in sorted(timed)) \
+        + " (both prefill the prompt and record the same CUDA graphs)"
+
+
 def share(g):
     """A decoding figure's share of its bandwidth bound, as text ("–" where the GPU's bandwidth is unknown)."""
     bound = g.get("bound_tokens_per_sec")
@@ -833,8 +845,8 @@ def markdown(results):
                       f"{m32['peak_mem_gb']:.1f} GB with mean_loops 32."]
     if results["generation"]:
         lines += ["" if lines else f"On {machine}.",
-                  "", "Generation, parcae_350m, bf16, 128-token prompt, 256 new tokens, KV cache "
-                      "(KV cache: its size for the model's whole window of block_size tokens). Of the bound: "
+                  "", "Generation, parcae_350m, bf16, 128-token prompt, " + generation_timing(results["generation"])
+                      + ", KV cache (KV cache: its size for the model's whole window of block_size tokens). Of the bound: "
                       "the tokens/s over the most the GPU's memory bandwidth (its datasheet's) allows, if a "
                       "step only read what it must: the bf16 weights of every layer application, the head, "
                       "and the keys and values of the positions attended (decode_bytes; read per step):", "",

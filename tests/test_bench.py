@@ -328,6 +328,19 @@ def test_the_decoding_speed_rows_and_their_claim(monkeypatch):
     assert set(claim["ratio"]) == {"full", "shared"} and type(claim["holds"]) is bool
 
 
+def test_a_decoding_rate_refuses_runs_that_end_in_different_spans_of_the_cache():
+    """The rate is a difference of two runs, which must record the same graphs: with the cache's spans of
+    256 positions, 128 + 136 and 128 + 256 both end in the second; 128 + 32 ends in the first, and its
+    difference would time the second span's recording (the compile too, under --compile)."""
+    from conftest import tiny, tokens
+    model, prompt = tiny(), tokens(B=1, L=128)
+    with pytest.raises(ValueError, match="different spans of the cache"):
+        common.decoding_rate(model, prompt, (32, 256), loops=2)
+    assert throughput.GENERATION_TIMED == (136, 256)
+    rate, stats = common.decoding_rate(model, prompt[:, :8], (2, 4), loops=2)
+    assert type(rate) is float and stats == {}
+
+
 def test_the_adaptive_speed_claim_compares_exit_and_fixed_depth_at_batch_1_both_as_graphs_on_the_full_cache():
     """Rows launched from Python, at batch 8 or at other thresholds are faster here and must not count; the
     shared cache, 1.25× here, is reported, but its loss is another model's: the claim rests on the full one."""
