@@ -709,14 +709,14 @@ def main():
         results["weight_layouts"] = time_weight_layouts(1024, 1) + time_weight_layouts(1024, 8)
         save()
 
-    def measure(model, loops, batch_size, graph, compiled, shared_cache=False):
+    def measure(model, loops, batch_size, graph, compiled, shared_cache=False, matmuls=None):
         g = time_generation(model, loops, batch_size, graph, shared_cache=shared_cache)
-        g["compiled"] = compiled
+        g["compiled"], g["matmuls"] = compiled, matmuls
         g["weights"] = str(model.core[0].mlp.fc.weight.dtype).removeprefix("torch.")
         results["generation"].append(g)
         save()
         print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
-              f"{', compiled' if compiled else ''}, {g['weights']} weights, {g['kv_cache']} cache: "
+              f"{', compiled' if compiled else ''} {matmuls or ''}, {g['weights']} weights, {g['kv_cache']} cache: "
               f"{g['new_tokens_per_sec']:8.1f} tok/s ({share(g)} of the bound)  cache {g['kv_cache_gb']:.2f} GB  "
               f"peak {g['peak_mem_gb']:.1f} GB",
               flush=True)
@@ -741,19 +741,24 @@ def main():
             measure(model, 16, batch_size, graph=False, compiled=False)
         if args.profile:
             profile_decoding(model, 16, os.path.join(profiles, "generate_loops16.txt"))
-        train.compile_model(model)      # last, compiled as train.py does, inside the same graph
+        sample.compile_for_decoding(model)     # last, as sample.py --compile does, inside the same graph
         for loops in (1, 8, 16):
             for batch_size in (1, 8):
-                measure(model, loops, batch_size, graph=True, compiled=True)
+                measure(model, loops, batch_size, graph=True, compiled=True, matmuls="reductions")
         if args.profile:
             profile_decoding(model, 16, os.path.join(profiles, "generate_loops16_compiled.txt"))
-        # what bf16 weights gain: compiled blocks with the fp32 weights, cast on every call
-        del model
-        torch._dynamo.reset()
-        model, _ = build("parcae_350m", args.vocab_size)
-        train.compile_model(model)
-        for batch_size in (1, 8):
-            measure(model, 16, batch_size, graph=True, compiled=True)
+        # what the one-token reductions gain: compiled as train.py compiles, cuBLAS's matmuls over
+        # bf16_weights' layout; and what bf16 weights gain: sample.py --compile with the fp32 weights
+        for matmuls in ("cuBLAS", "reductions"):
+            del model
+            torch._dynamo.reset()
+            model, _ = build("parcae_350m", args.vocab_size)
+            if matmuls == "cuBLAS":
+                train.compile_model(sample.bf16_weights(model))
+            else:
+                sample.compile_for_decoding(model)      # the fp32 weights
+            for batch_size in (1, 8):
+                measure(model, 16, batch_size, graph=True, compiled=True, matmuls=matmuls)
         del model
     print(markdown(results))
 
@@ -855,6 +860,8 @@ def markdown(results):
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
+            mode += {"reductions": " (one-token matmuls as reductions)", "cuBLAS": " (cuBLAS matmuls)"}.get(
+                g.get("matmuls"), "")
             mode += ", shared cache" if g.get("kv_cache") == "shared" else ""
             read = f"{g['step_gb']:.2f}" if "step_gb" in g else "–"
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "

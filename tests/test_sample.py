@@ -163,6 +163,41 @@ def test_compiled_blocks_generate_the_same_tokens_and_compile_nothing_new_for_mo
         torch._dynamo.reset()
 
 
+def test_a_one_token_linear_is_a_multiply_and_sum_only_for_one_token_under_compiling(monkeypatch):
+    """OneTokenLinear's two paths, taken in eager mode with torch.compile's flag set by hand: one token
+    is exactly the multiply-and-sum, several are exactly nn.Linear's matmul."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8, bias=False)
+    layer.__class__ = sample_py.OneTokenLinear
+    one, many = torch.randn(1, 1, 16), torch.randn(2, 3, 16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(layer(one), (one.unsqueeze(-2) * layer.weight).sum(-1))
+    assert torch.equal(layer(many), torch.nn.functional.linear(many, layer.weight))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert torch.equal(layer(one), torch.nn.functional.linear(one, layer.weight))
+
+
+def test_compiling_for_decoding_generates_the_same_tokens_and_logits_up_to_the_order_of_sums():
+    """sample.py --compile: in fp64, the one-token reductions and the matmuls they replace differ only in
+    the order of their sums, each off by at most n·2^-53 of Σ|x_i w_i| (n ≤ 128 terms here) per matmul;
+    through a few blocks that stays many orders below 1e-9 of the logits, which are of order 1, and far
+    from changing a greedy token."""
+    model = tiny(init_state="zero", block_size=16).double().eval()
+    prompt = tokens(B=1, L=5)[:, :-1]
+    eager = generate(model, prompt, 6, loops=3, top_k=1)
+    expected = model(eager[:, :-1], loops=3)[0]
+    sample_py.compile_for_decoding(model)
+    try:
+        fc = model.core[0].mlp.fc
+        assert type(fc) is sample_py.OneTokenLinear and fc.weight.is_contiguous()
+        assert torch.equal(generate(model, prompt, 6, loops=3, top_k=1), eager)
+        cache = KVCache(model, 1, loops=3)
+        logits = torch.cat([model.decode(eager[:, i:i + 1], cache, loops=3) for i in range(eager.size(1) - 1)], 1)
+        assert torch.allclose(logits, expected, rtol=0, atol=1e-9)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bf16_weights_change_nothing_under_bf16_autocast():
     """sample.py stores the linear layers' weights and the value-embedding tables in bf16 on a GPU: autocast
     computes in bf16 with them anyway, so the tokens are the same; the norms and the injection's own
