@@ -13,16 +13,17 @@ that skipping finished sequences can gain (`--flops_ratio_only` prints just the 
 machine); the peak memory at mean_loops 8 and 32 with backprop_loops 4; and generation with
 the KV cache at 1, 8 and 16 loops as sample.py decodes (bf16 linear weights, each step replayed
 as a CUDA graph; decoding steps only, the prefill and the graphs' recording and compiling left
-out: common.decoding_rate), with and without compiling the blocks (sample.py --compile), and at 16 loops
-also launched op by op, and compiled with the fp32 weights; each decoding figure also as a share
+out: common.decoding_rate), with and without compiling (sample.py --compile), and at 16 loops also
+launched op by op, compiled as train.py compiles (cuBLAS's one-token matmuls), and compiled with
+the fp32 weights; each decoding figure also as a share
 of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just read what a
 decoding step must (decode_bytes). --profile adds a torch.profiler
 table per model (its most expensive kernels, and how much of the step the GPU was busy, from
 the profiler's trace), and two of decoding at 16 loops, with and without compiling.
 `--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
 the layout sample.bf16_weights chooses; `--decode_ops_only` one token's matmuls and attention by
-cuBLAS and each SDPA backend and as compiled reductions (time_decode_ops); `--cache_modes_only` just decoding with the full and the
-shared KV cache (sample.py --kv_cache).
+cuBLAS and each SDPA backend and as compiled reductions (time_decode_ops); `--cache_modes_only`
+just decoding with the full and the shared KV cache (sample.py --kv_cache).
 
 `--large_only` times just training of the 770m and 1.3b configs as each of 8 GPUs runs their recipe:
 the config's micro-batch, grad_accum_steps / 8 micro-steps per optimizer step, under DDP (here one
@@ -326,9 +327,9 @@ def decode_ops_markdown(results):
     lines = [f"One decoding token's matmuls and attention at parcae_350m's width (d 1024; the heads in the "
              f"shape column), batch 1, bf16, on one "
              f"{results['gpu']} (torch {results['torch']}, commit {results['commit']}): µs per call, "
-             f"{results['calls']} calls recorded in one CUDA graph and replayed; the bytes it must read, and the share of the "
-             "datasheet's bandwidth that makes; the largest difference from the first row of its group. Made by "
-             "`python bench/throughput.py --decode_ops_only`.", "",
+             f"{results['calls']} calls recorded in one CUDA graph and replayed; the bytes it must read, and the "
+             "share of the datasheet's bandwidth that makes; the largest difference from the first row of its "
+             "group. Made by `python bench/throughput.py --decode_ops_only`.", "",
              "| operation | shape | variant | µs | MB read | of the bandwidth | max difference |",
              "|---|---|---|---|---|---|---|"]
     for r in results["decode_ops"]:
@@ -390,17 +391,7 @@ def time_weight_layouts(d, batch_size=1, calls=400):
         row_major = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
         r = {"weight": f"{out_features}x{in_features}", "batch_size": batch_size}
         for layout, w in (("row_major_us", row_major), ("column_major_us", row_major.t().contiguous().t())):
-            torch.nn.functional.linear(x, w)        # cuBLAS warm-up, outside the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(calls):
-                    torch.nn.functional.linear(x, w)
-            graph.replay()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            graph.replay()
-            torch.cuda.synchronize()
-            r[layout] = 1e6 * (time.perf_counter() - t0) / calls
+            r[layout] = per_call_us(lambda: torch.nn.functional.linear(x, w), calls, x.device)
         results.append(r)
     return results
 
@@ -444,7 +435,8 @@ def time_decode_ops(d=1024, n_head=8, spans=(256, 512), calls=200, device=torch.
     save(rows) after each.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    dtype, bandwidth = torch.bfloat16, peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    on_gpu = device.type == "cuda"
+    dtype, bandwidth = torch.bfloat16, peak_bandwidth(torch.cuda.get_device_name(device)) if on_gpu else None
     rows, tag = [], "" if compiled else " (not compiled)"
 
     def measure(op, shape, variant, fn, nbytes, reference=None):
@@ -469,7 +461,8 @@ def time_decode_ops(d=1024, n_head=8, spans=(256, 512), calls=200, device=torch.
         x = torch.randn(1, in_features, device=device, dtype=dtype)
         w = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features ** 0.5
         w_column_major, shape, nbytes = w.t().contiguous().t(), f"{out_features}x{in_features}", 2 * w.numel()
-        ref = measure("matmul", shape, "cuBLAS, column-major weight", lambda: torch.nn.functional.linear(x, w_column_major), nbytes)
+        ref = measure("matmul", shape, "cuBLAS, column-major weight",
+                      lambda: torch.nn.functional.linear(x, w_column_major), nbytes)
         mul_sum = lambda x, w: (x[:, None, :] * w).sum(-1)
         mul_sum.example = (x, w)
         for label, config in (("compiled multiply-and-sum", {}),
@@ -484,13 +477,13 @@ def time_decode_ops(d=1024, n_head=8, spans=(256, 512), calls=200, device=torch.
         shape, nbytes = f"{n_head} heads x {span} keys", 2 * (k.numel() + v.numel())
         sdpa = torch.nn.functional.scaled_dot_product_attention
         ref = measure("attention", shape, "SDPA, default backend", lambda: sdpa(q, k, v, attn_mask=mask), nbytes)
-        backends = [("memory-efficient", SDPBackend.EFFICIENT_ATTENTION)] if device.type == "cuda" else []
+        backends = [("memory-efficient", SDPBackend.EFFICIENT_ATTENTION)] if on_gpu else []
         for name, backend in backends + [("math", SDPBackend.MATH)]:
             def by_backend(backend=backend):
                 with sdpa_kernel(backend):
                     return sdpa(q, k, v, attn_mask=mask)
             measure("attention", shape, f"SDPA, {name}", by_backend, nbytes, ref)
-        if device.type == "cuda":     # flash attention takes no mask: the filled keys alone
+        if on_gpu:      # flash attention takes no mask: the filled keys alone
             filled_k, filled_v = k[:, :, :span // 2 + 1], v[:, :, :span // 2 + 1]
             def unmasked():
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -716,7 +709,8 @@ def main():
         results["generation"].append(g)
         save()
         print(f"generate parcae_350m loops={loops:2d} batch={batch_size} {'graph' if graph else 'eager'}"
-              f"{', compiled' if compiled else ''} {matmuls or ''}, {g['weights']} weights, {g['kv_cache']} cache: "
+              f"{', compiled' if compiled else ''} {matmuls or ''}, {g['weights']} weights, "
+              f"{g['kv_cache']} cache: "
               f"{g['new_tokens_per_sec']:8.1f} tok/s ({share(g)} of the bound)  cache {g['kv_cache_gb']:.2f} GB  "
               f"peak {g['peak_mem_gb']:.1f} GB",
               flush=True)
@@ -769,8 +763,8 @@ def generation_timing(rows):
     timed = {tuple(g["timed"]) for g in rows if "timed" in g}
     if not timed:
         return "256 new tokens"
-    return "decoding steps only: the time of " + ", ".join(f"{b} new tokens less that of {a}" for a, b in sorted(timed)) \
-        + " (both prefill the prompt and record the same CUDA graphs)"
+    runs = ", ".join(f"{b} new tokens less that of {a}" for a, b in sorted(timed))
+    return f"decoding steps only: the time of {runs} (both prefill the prompt and record the same CUDA graphs)"
 
 
 def share(g):
@@ -851,7 +845,8 @@ def markdown(results):
     if results["generation"]:
         lines += ["" if lines else f"On {machine}.",
                   "", "Generation, parcae_350m, bf16, 128-token prompt, " + generation_timing(results["generation"])
-                      + ", KV cache (KV cache: its size for the model's whole window of block_size tokens). Of the bound: "
+                      + ", KV cache (KV cache: its size for the model's whole window of block_size tokens). "
+                      "Of the bound: "
                       "the tokens/s over the most the GPU's memory bandwidth (its datasheet's) allows, if a "
                       "step only read what it must: the bf16 weights of every layer application, the head, "
                       "and the keys and values of the positions attended (decode_bytes; read per step):", "",

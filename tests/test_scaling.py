@@ -130,7 +130,8 @@ def test_a_second_seed_gets_its_own_offset_not_a_tilt_of_the_curve():
     # is exact again (rounding in lstsq, about 1e-16 times the condition number of a 7-column design,
     # stays far below the tolerances); pooled as one curve, the lower points pull μ* towards them
     parabola = lambda mu: 0.631 + 0.01 * math.log(mu / 5) ** 2
-    first = [(mu, parabola(mu), scaling.SEED) for mu in (3, 4, 6, 8)] + [(1, 0.636, scaling.SEED), (2, 0.645, scaling.SEED)]
+    first = [(mu, parabola(mu), scaling.SEED) for mu in (3, 4, 6, 8)]
+    first += [(1, 0.636, scaling.SEED), (2, 0.645, scaling.SEED)]
     second = [(mu, parabola(mu) - 0.007, scaling.SEED + 1) for mu in (3, 4, 6)]
     f = scaling.fit_budget(1e16, first + second, FLOPS_AT)
     assert sorted(set(f["mu"])) == [3, 4, 6, 8] and f["seed"].count(scaling.SEED + 1) == 3
