@@ -1018,12 +1018,14 @@ def plot_isoflop(results, path):
         if f:
             x = np.linspace(math.log(min(f["mu"])), math.log(max(f["mu"])), 100)
             ax.plot(np.exp(x), np.polyval(f["coef"], x), "-", color=color, lw=1)
+            for offset in f.get("seed_offsets", {}).values():     # the second seed's: the same curve, shifted
+                ax.plot(np.exp(x), np.polyval(f["coef"], x) + offset, ":", color=color, lw=1)
             ax.plot(f["mu_best"], f["L_star"], "*" if f["mu_star"] else "^", ms=13, color=color,
                     mfc=color if f["mu_star"] else "none")
         if b["gpt_loss"] is not None:
             ax.axhline(b["gpt_loss"], color=color, ls="--", lw=0.8)
     ax.plot([], [], "k*", ms=10, label="minimum μ* (△: at an end)")
-    ax.plot([], [], "ks", mfc="none", label="second seed")
+    ax.plot([], [], "ks:", mfc="none", lw=1, label="second seed (its curve: the first's + an offset)")
     ax.plot([], [], "k--", lw=0.8, label="Transformer, same C")
     if any(b["fit"] for b in results["isoflop"]):
         ax.set_xscale("log", base=2)
