@@ -50,6 +50,16 @@ def torchrun(n_gpus, model, out_dir, args, extra=()):
     if result.returncode:
         with open(os.path.join(out_dir, "log.txt")) as log:
             lines = log.readlines()
+        # rarely (once in over 50 runs on 2 CPU processes under gloo), a process aborts in PyTorch's own
+        # teardown after train.py has destroyed its process group: the run had ended, evaluated and saved,
+        # so nothing is lost and the bench goes on; any other failure stops it
+        steps = int([a for a in cmd if a.startswith("--max_iters=")][-1].split("=", 1)[1])
+        _, evals, _ = common.read_metrics(out_dir)
+        ended = evals and evals[-1]["step"] == steps and os.path.exists(os.path.join(out_dir, "ckpt.pt"))
+        if ended and any("terminate called without an active exception" in line for line in lines):
+            print(f"warning: {out_dir}: a process aborted in PyTorch's teardown (exit {result.returncode}) after "
+                  "the run had ended and saved its checkpoint; its results stand")
+            return
         # what the processes printed, without torchrun's own report of their failure that follows it
         agent = next((i for i, line in enumerate(lines) if "torch/distributed/elastic" in line), len(lines))
         tail = "".join(lines[:agent][-30:] or lines[-30:])

@@ -4,12 +4,14 @@ they launch real train.py runs and write well-formed JSON, Markdown and PNG file
 their two pieces of arithmetic: the spike counter and the exponential fit of L(T).
 """
 
+import argparse
 import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -384,6 +386,33 @@ def test_a_dry_run_prints_the_commands_and_trains_nothing(toy_data, tmp_path, ca
     # --set applies before the token budget becomes steps: twice the batch, half the steps
     assert out.count("--batch_size=8 ") == n and out.count("--max_iters=10 ") == n
     assert not (tmp_path / "work").exists()
+
+
+def test_a_torchrun_that_aborts_in_teardown_after_its_run_ended_is_a_warning_any_other_failure_stops(
+        tmp_path, monkeypatch, capsys):
+    """PyTorch's teardown under gloo rarely aborts a process ("terminate called without an active
+    exception") after train.py has evaluated, saved and destroyed its process group: that run stands. The
+    same abort before the last evaluation, or another failure, stops the bench with the processes' output."""
+    args = argparse.Namespace(data_dir="d", steps=10, batch_size=2, micro_steps=2, device="cpu", gpus=[1, 2], set=[])
+    out = tmp_path / "run"
+    log_text = ["step 10 | val loss 8 loops 1.2\n", "terminate called without an active exception\n"]
+
+    def fake_run(cmd, env, stdout, stderr):
+        stdout.writelines(log_text)
+        return subprocess.CompletedProcess(cmd, 1)
+    monkeypatch.setattr(ddp.subprocess, "run", fake_run)
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 10, "val_loss": {"8": 1.2}}) + "\n")
+    (out / "ckpt.pt").write_bytes(b"")
+    ddp.torchrun(2, "parcae_140m", str(out), args)
+    assert "aborted in PyTorch's teardown" in capsys.readouterr().out
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 5, "val_loss": {"8": 1.2}}) + "\n")     # not ended
+    with pytest.raises(SystemExit, match="failed \\(exit 1\\)"):
+        ddp.torchrun(2, "parcae_140m", str(out), args)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 10, "val_loss": {"8": 1.2}}) + "\n")
+    log_text[1] = "RuntimeError: something else\n"
+    with pytest.raises(SystemExit, match="something else"):
+        ddp.torchrun(2, "parcae_140m", str(out), args)
 
 
 def test_the_ddp_bench_runs_with_two_cpu_processes_and_their_losses_agree(tiny_data, tmp_path):
