@@ -221,7 +221,7 @@ def accept(p, q, drafts):
     return torch.cat([drafts[:, :m], last], dim=1)
 
 
-def bf16_weights(model):
+def bf16_weights(model, column_major=True):
     """
     Store the linear layers' weights in bf16, for decoding under bf16 autocast on a GPU: the matmuls
     compute in bf16 anyway, so nothing changes but where the cast happens. Eager autocast casts each
@@ -231,12 +231,14 @@ def bf16_weights(model):
     token embedding (the residual stream keeps its fp32) and the injection's A_log / dt_bias stay in
     fp32, so the head, tied to the embedding, still casts it each token (~2 % of a step, compiled).
     The matrices are also laid out column by column: for one token, cuBLAS multiplies by a d×d weight
-    in 3.5 µs that way and in 7.2 µs row by row (an H200, bench/results/throughput_layouts.md).
+    in 3.5 µs that way and in 7.2 µs row by row (an H200, bench/results/throughput_layouts.md);
+    column_major=False keeps them row by row, as compile_for_decoding's reductions read them.
     Returns the model, changed in place.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.weight.data = module.weight.data.bfloat16().t().contiguous().t()     # W, column-major
+            w = module.weight.data.bfloat16()
+            module.weight.data = w.t().contiguous().t() if column_major else w.contiguous()
     for block in model.blocks():
         if block.value_embed is not None:
             block.value_embed.weight.data = block.value_embed.weight.data.bfloat16()
@@ -268,7 +270,7 @@ def compile_for_decoding(model):
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = OneTokenLinear
-            module.weight.data = module.weight.data.contiguous()        # row-major
+            module.weight.data = module.weight.data.contiguous()        # row-major (a no-op if it was)
     train.compile_model(model)
     return model
 
@@ -333,7 +335,7 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     model.to(device).eval()
     if device.type == "cuda":
-        bf16_weights(model)
+        bf16_weights(model, column_major=not args.compile)      # each layout where its matmuls read it
     if args.compile:
         compile_for_decoding(model)
 

@@ -72,8 +72,8 @@ Fits, numpy only.
               at all 7 pairs, by 0.002 to 0.010 nats. The first seed's parabola, the Transformer's
               seed too, is the budget's. Its vertex is μ*(C) when the parabola opens upward and the
               vertex lies inside the window; otherwise the budget has no μ* (the tables say at which
-              end its lowest loss is) and stays out of the μ* and D* laws. A window, not every μ_rec: over 8× in μ_rec
-              an isoFLOP curve need not be a parabola. At 1.4e16 the one through all six μ_rec opened
+              end its lowest loss is) and stays out of the μ* and D* laws. A window, not every μ_rec:
+              over 8× in μ_rec an isoFLOP curve need not be a parabola. At 1.4e16 the one through all six μ_rec opened
               downward, its best at μ_rec 8, though both seeds were lower at 6 than at 4 or 8.
               D*(C) = C / F(μ*), F interpolated log-log between the swept μ_rec. L*(C): the parabola's
               lowest value over the window.
@@ -628,8 +628,8 @@ def fit_budget(C, points, flops_at=None):
     points = [(p[0], p[1], p[2] if len(p) > 2 else SEED) for p in points]
     swept = sorted({mu for mu, _, _ in points})
     first = min(seed for _, _, seed in points)
-    mean = {mu: np.mean([loss for m, loss, seed in points if m == mu and seed == first])
-            for mu in swept if any(m == mu and seed == first for m, _, seed in points)}
+    own = [(mu, loss) for mu, loss, seed in points if seed == first]
+    mean = {mu: np.mean([loss for m, loss in own if m == mu]) for mu in {mu for mu, _ in own}}
     lowest = min(mean, key=mean.get)
     window = sorted(swept, key=lambda mu: (abs(math.log(mu / lowest)), mu))[:WINDOW]
     mus, losses, seeds = map(np.array, zip(*[p for p in points if p[0] in window]))
@@ -970,7 +970,7 @@ def markdown(results):
                                                  for p in noise["pairs"])
                   + f" (second seed minus first): σ ≈ {noise['sigma']:.4f} nats per run"
                   + (f"; their mean {noise['mean']:+.4f}, and σ ≈ {noise['sigma_about_mean']:.4f} about it"
-                     if noise.get("sigma_about_mean") else "") + "."]
+                     if noise.get("sigma_about_mean") is not None else "") + "."]
     tt = results["test_time"]
     lines += ["", "Test time: L(T) = L∞ + Z·exp(−z·T) per checkpoint (least squares over the finite T).", "",
               "| C | μ_rec | seed | L(1) | L(μ_rec) | L(T max) | L∞ | Z | z | R² |",

@@ -214,6 +214,8 @@ def test_bf16_weights_change_nothing_under_bf16_autocast():
     assert fc.weight.shape == (fc.out_features, fc.in_features) and fc.weight.stride() == (1, fc.out_features)
     assert model.core[0].value_embed.weight.dtype == torch.bfloat16
     assert model.injection.A_log.dtype == model.norm_f.weight.dtype == model.wte.weight.dtype == torch.float32
+    row_major = bf16_weights(tiny(), column_major=False).core[0].mlp.fc.weight     # for --compile's reductions
+    assert row_major.dtype == torch.bfloat16 and row_major.stride() == (row_major.size(1), 1)
 
 # -----------------------------------------------------------------------------
 # per-token adaptive exit, and the shared cache
