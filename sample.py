@@ -16,12 +16,13 @@ pretrained models instead (hub.py; NAME@REVISION pins a branch, tag or commit).
 import argparse
 import os
 from contextlib import nullcontext
+from types import MethodType
 
 import torch
 import torch.nn.functional as F
 
 import train
-from model import KVCache
+from model import GPT, KVCache
 from prepare import load_tokenizer
 
 
@@ -263,15 +264,20 @@ class OneTokenLinear(torch.nn.Linear):
         return (x.to(dtype).unsqueeze(-2) * self.weight.to(dtype)).sum(-1)
 
 
-def compile_for_decoding(model):
+def compile_for_decoding(model, whole_iterations=True):
     """sample.py --compile: every linear layer a OneTokenLinear over its weight laid out row by row, as its
-    reduction reads it (bf16_weights lays them out for cuBLAS), then compiled as train.py compiles. Returns
-    the model, changed in place."""
+    reduction reads it (bf16_weights lays them out for cuBLAS), then compiled as train.py compiles. With
+    whole_iterations, a core iteration (the injection and every core block) is also one compiled graph, so
+    that Inductor fuses across the blocks' seams: a residual add with the next norm, the injection with
+    the first. Returns the model, changed in place."""
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = OneTokenLinear
             module.weight.data = module.weight.data.contiguous()        # row-major (a no-op if it was)
     train.compile_model(model)
+    if whole_iterations and model.config.looped:
+        # an instance attribute hides GPT.core_iteration, as train.compile_model's compiled head does
+        model.core_iteration = MethodType(torch.compile(GPT.core_iteration), model)
     return model
 
 

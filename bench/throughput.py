@@ -14,8 +14,8 @@ machine); the peak memory at mean_loops 8 and 32 with backprop_loops 4; and gene
 the KV cache at 1, 8 and 16 loops as sample.py decodes (bf16 linear weights, each step replayed
 as a CUDA graph; decoding steps only, the prefill and the graphs' recording and compiling left
 out: common.decoding_rate), with and without compiling (sample.py --compile), and at 16 loops also
-launched op by op, compiled as train.py compiles (cuBLAS's one-token matmuls), and compiled with
-the fp32 weights; each decoding figure also as a share
+launched op by op, compiled as train.py compiles (cuBLAS's one-token matmuls), with the one-token
+reductions but each block its own graph, and compiled with the fp32 weights; each decoding figure also as a share
 of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just read what a
 decoding step must (decode_bytes). --profile adds a torch.profiler
 table per model (its most expensive kernels, and how much of the step the GPU was busy, from
@@ -741,14 +741,17 @@ def main():
                 measure(model, loops, batch_size, graph=True, compiled=True, matmuls="reductions")
         if args.profile:
             profile_decoding(model, 16, os.path.join(profiles, "generate_loops16_compiled.txt"))
-        # what the one-token reductions gain: compiled as train.py compiles, cuBLAS's matmuls over
-        # bf16_weights' layout; and what bf16 weights gain: sample.py --compile with the fp32 weights
-        for matmuls in ("cuBLAS", "reductions"):
+        # what each part of sample.py --compile gains: compiled as train.py compiles (each block apart,
+        # cuBLAS's matmuls over bf16_weights' layout); the one-token reductions, each block still apart; and
+        # what bf16 weights gain: sample.py --compile with the fp32 weights
+        for matmuls in ("cuBLAS", "reductions per block", "reductions"):
             del model
             torch._dynamo.reset()
             model, _ = build("parcae_350m", args.vocab_size)
             if matmuls == "cuBLAS":
                 train.compile_model(sample.bf16_weights(model))
+            elif matmuls == "reductions per block":
+                sample.compile_for_decoding(sample.bf16_weights(model, column_major=False), whole_iterations=False)
             else:
                 sample.compile_for_decoding(model)      # the fp32 weights
             for batch_size in (1, 8):
@@ -855,8 +858,8 @@ def markdown(results):
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
-            mode += {"reductions": " (one-token matmuls as reductions)", "cuBLAS": " (cuBLAS matmuls)"}.get(
-                g.get("matmuls"), "")
+            mode += {"reductions": " (one-token matmuls as reductions)", "cuBLAS": " (cuBLAS matmuls)",
+                     "reductions per block": " (reductions, each block its own graph)"}.get(g.get("matmuls"), "")
             mode += ", shared cache" if g.get("kv_cache") == "shared" else ""
             read = f"{g['step_gb']:.2f}" if "step_gb" in g else "–"
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
