@@ -16,7 +16,7 @@ pretrained models instead (hub.py; NAME@REVISION pins a branch, tag or commit).
 import argparse
 import os
 from contextlib import nullcontext
-from types import MethodType
+from types import MethodType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +230,7 @@ def bf16_weights(model, column_major=True):
     about a quarter of a decoding step at batch 1. The value-embedding tables too: their rows join v,
     which is bf16 there, so each row is rounded once here instead of at every lookup. Norms, the
     token embedding (the residual stream keeps its fp32) and the injection's A_log / dt_bias stay in
-    fp32, so the head, tied to the embedding, still casts it each token (~2 % of a step, compiled).
+    fp32, so the head, tied to the embedding, casts it each token (compile_for_decoding casts it once).
     The matrices are also laid out column by column: for one token, cuBLAS multiplies by a d×d weight
     in 3.5 µs that way and in 7.2 µs row by row (an H200, bench/results/throughput_layouts.md);
     column_major=False keeps them row by row, as compile_for_decoding's reductions read them.
@@ -265,19 +265,29 @@ class OneTokenLinear(torch.nn.Linear):
 
 
 def compile_for_decoding(model, whole_iterations=True):
-    """sample.py --compile: every linear layer a OneTokenLinear over its weight laid out row by row, as its
+    """
+    sample.py --compile: every linear layer a OneTokenLinear over its weight laid out row by row, as its
     reduction reads it (bf16_weights lays them out for cuBLAS), then compiled as train.py compiles. With
-    whole_iterations, a core iteration (the injection and every core block) is also one compiled graph, so
-    that Inductor fuses across the blocks' seams: a residual add with the next norm, the injection with
-    the first. Returns the model, changed in place."""
+    whole_iterations, a core iteration (the injection and every core block) and the end of a step (C, the
+    coda and the head) are also one compiled graph each, so that Inductor fuses across the blocks' seams:
+    a residual add with the next norm, the injection with the first. Returns the model, changed in place.
+    """
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = OneTokenLinear
             module.weight.data = module.weight.data.contiguous()        # row-major (a no-op if it was)
     train.compile_model(model)
+    # the tied head: compiled, it would cast its fp32 table again at every step (87 µs of a 2.5 ms step for
+    # parcae_350m at 16 loops; bench/results/profiles). GPT.head reads only norm_f and wte.weight of its
+    # `self`, so it gets a stand-in whose table is cast once to the dtype of the other linear weights
+    dtype = model.blocks()[0].attn.c_attn.weight.dtype
+    if dtype != model.wte.weight.dtype:
+        table = SimpleNamespace(weight=model.wte.weight.detach().to(dtype))
+        model.head = MethodType(torch.compile(GPT.head), SimpleNamespace(norm_f=model.norm_f, wte=table))
     if whole_iterations and model.config.looped:
-        # an instance attribute hides GPT.core_iteration, as train.compile_model's compiled head does
+        # instance attributes hide GPT's methods, as train.compile_model's compiled head does
         model.core_iteration = MethodType(torch.compile(GPT.core_iteration), model)
+        model.finish = MethodType(torch.compile(GPT.finish), model)
     return model
 
 

@@ -11,7 +11,7 @@ import torch
 import train
 from conftest import ROOT, TINY, tiny, tokens, write_char_data
 import sample as sample_py
-from model import KVCache
+from model import GPT, KVCache
 from sample import accept, bf16_weights, generate
 
 
@@ -179,21 +179,51 @@ def test_a_one_token_linear_is_a_multiply_and_sum_only_for_one_token_under_compi
 
 def test_compiling_for_decoding_generates_the_same_tokens_and_logits_up_to_the_order_of_sums():
     """sample.py --compile: in fp64, the one-token reductions and the matmuls they replace differ only in
-    the order of their sums, each off by at most n·2^-53 of Σ|x_i w_i| (n ≤ 128 terms here) per matmul;
-    through a few blocks that stays many orders below 1e-9 of the logits, which are of order 1, and far
-    from changing a greedy token."""
-    model = tiny(init_state="zero", block_size=16).double().eval()
+    the order of their sums, each off by at most n·2^-53 of Σ|x_i w_i| (n ≤ 128 terms here) per matmul,
+    and Inductor's fusions across blocks reorder no more than that; through a few blocks it stays many
+    orders below 1e-9 of the logits, which are of order 1, and far from changing a greedy token. Plain,
+    self-speculative (several tokens per forward) and adaptive decoding all run the compiled iteration;
+    the exits are those of the uncompiled model, as none lies within 1e-9 of the threshold."""
+    model = tiny(init_state="zero", block_size=32).double().eval()
     prompt = tokens(B=1, L=5)[:, :-1]
     eager = generate(model, prompt, 6, loops=3, top_k=1)
+    drafted = generate(model, prompt, 6, loops=3, top_k=1, draft_loops=1)
+    stats = {}
+    adaptive = generate(model, prompt, 6, loops=12, top_k=1, exit_threshold=0.03, stats=stats)
+    assert decisions_are_robust(model, adaptive[:, :-1], 12, 0.03)
+    assert len(set(stats["loops_per_token"].flatten().tolist())) >= 2    # tokens exit at different iterations
     expected = model(eager[:, :-1], loops=3)[0]
     sample_py.compile_for_decoding(model)
     try:
         fc = model.core[0].mlp.fc
         assert type(fc) is sample_py.OneTokenLinear and fc.weight.is_contiguous()
+        assert model.core_iteration.__self__ is model and model.head.__self__ is model   # fp64 table: no copy
         assert torch.equal(generate(model, prompt, 6, loops=3, top_k=1), eager)
         cache = KVCache(model, 1, loops=3)
         logits = torch.cat([model.decode(eager[:, i:i + 1], cache, loops=3) for i in range(eager.size(1) - 1)], 1)
         assert torch.allclose(logits, expected, rtol=0, atol=1e-9)
+        assert torch.equal(generate(model, prompt, 6, loops=3, top_k=1, draft_loops=1), drafted)
+        compiled_stats = {}
+        assert torch.equal(generate(model, prompt, 6, loops=12, top_k=1, exit_threshold=0.03,
+                                    stats=compiled_stats), adaptive)
+        assert torch.equal(compiled_stats["loops_per_token"], stats["loops_per_token"])
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiling_for_decoding_casts_the_tied_head_once_to_the_weights_dtype():
+    """With bf16 linear weights, the compiled head reads a bf16 copy of the tied table made once; under
+    autocast the matmul casts the fp32 table to bf16 by the same rounding, so the logits are exactly those
+    of the model's own head (both run eagerly here)."""
+    model = bf16_weights(tiny().eval(), column_major=False)
+    sample_py.compile_for_decoding(model)
+    try:
+        stand_in = model.head.__self__
+        assert stand_in.norm_f is model.norm_f
+        assert torch.equal(stand_in.wte.weight, model.wte.weight.detach().bfloat16())
+        x = torch.randn(2, 3, model.config.n_embd)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(GPT.head(stand_in, x)[0], GPT.head(model, x)[0])
     finally:
         torch._dynamo.reset()
 
