@@ -314,8 +314,9 @@ def main(argv=None):
     p.add_argument("--draft_loops", type=int, help="self-speculative decoding: draft a few tokens at this many "
                    "loops, fewer than --loops, and verify them at once at --loops (README: speculative decoding)")
     p.add_argument("--compile", action="store_true", help="torch.compile for decoding: each core iteration, and the "
-                   "coda with the head, one graph each, each one-token matmul a fused reduction (compile_for_decoding): "
-                   "compiling takes a while, then decoding is faster on a GPU (README: sampling)")
+                   "coda with the head, one graph each, each one-token matmul a fused reduction "
+                   "(compile_for_decoding): compiling takes a while, then decoding is faster on a GPU "
+                   "(README: sampling)")
     args = p.parse_args(argv)
     for name, low in (("loops", 1), ("num_samples", 1), ("max_new_tokens", 0), ("top_k", 0), ("temperature", 0)):
         if getattr(args, name) is not None and not getattr(args, name) >= low:

@@ -15,8 +15,8 @@ the KV cache at 1, 8 and 16 loops as sample.py decodes (bf16 linear weights, eac
 as a CUDA graph; decoding steps only, the prefill and the graphs' recording and compiling left
 out: common.decoding_rate), with and without compiling (sample.py --compile), and at 16 loops also
 launched op by op, compiled as train.py compiles (cuBLAS's one-token matmuls), with the one-token
-reductions but each block its own graph, and compiled with the fp32 weights; each decoding figure also as a share
-of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just read what a
+reductions but each block its own graph, and compiled with the fp32 weights; each decoding figure
+also as a share of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just read what a
 decoding step must (decode_bytes). --profile adds a torch.profiler
 table per model (its most expensive kernels, and how much of the step the GPU was busy, from
 the profiler's trace), and two of decoding at 16 loops, with and without compiling.
@@ -858,7 +858,8 @@ def markdown(results):
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for g in results["generation"]:
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
-            mode += {"reductions": " (one-token matmuls as reductions)", "cuBLAS": " (cuBLAS matmuls)",
+            mode += {"reductions": " (one-token matmuls as reductions, one graph per core iteration)",
+                     "cuBLAS": " (cuBLAS matmuls)",
                      "reductions per block": " (reductions, each block its own graph)"}.get(g.get("matmuls"), "")
             mode += ", shared cache" if g.get("kv_cache") == "shared" else ""
             read = f"{g['step_gb']:.2f}" if "step_gb" in g else "–"
