@@ -53,7 +53,7 @@ def torchrun(n_gpus, model, out_dir, args, extra=()):
         # rarely (once in over 50 runs on 2 CPU processes under gloo), a process aborts in PyTorch's own
         # teardown after train.py has destroyed its process group: the run had ended, evaluated and saved,
         # so nothing is lost and the bench goes on; any other failure stops it
-        steps = int([a for a in cmd if a.startswith("--max_iters=")][-1].split("=", 1)[1])
+        steps = int([a for a in cmd if a.startswith("--max_iters=")][-1].split("=", 1)[1])   # a resume's own
         _, evals, _ = common.read_metrics(out_dir)
         ended = evals and evals[-1]["step"] == steps and os.path.exists(os.path.join(out_dir, "ckpt.pt"))
         if ended and any("terminate called without an active exception" in line for line in lines):

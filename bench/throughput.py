@@ -16,10 +16,10 @@ as a CUDA graph; decoding steps only, the prefill and the graphs' recording and 
 out: common.decoding_rate), with and without compiling (sample.py --compile), and at 16 loops also
 launched op by op, compiled as train.py compiles (cuBLAS's one-token matmuls), with the one-token
 reductions but each block its own graph, and compiled with the fp32 weights; each decoding figure
-also as a share of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just read what a
-decoding step must (decode_bytes). --profile adds a torch.profiler
-table per model (its most expensive kernels, and how much of the step the GPU was busy, from
-the profiler's trace), and two of decoding at 16 loops, with and without compiling.
+also as a share of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just
+read what a decoding step must (decode_bytes). --profile adds a torch.profiler table per model (its
+most expensive kernels, and how much of the step the GPU was busy, from the profiler's trace), and
+two of decoding at 16 loops, with and without compiling.
 `--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
 the layout sample.bf16_weights chooses; `--decode_ops_only` one token's matmuls and attention by
 cuBLAS and each SDPA backend and as compiled reductions (time_decode_ops); `--cache_modes_only`
