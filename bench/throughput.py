@@ -36,7 +36,7 @@ config's whole run would take on 8 GPUs at 8 times that rate:
     python bench/throughput.py --large_only --models gpt_1.3b parcae_1.3b --out bench/results/throughput_1.3b
 
 `--small` times the small models of the scaling sweep instead (bench/results/throughput_small):
-    python bench/throughput.py --small [--batch_size 64]
+    python bench/throughput.py --small [--batch_size 64] [--profile]
 d 256, 2 heads of 128, the byte vocabulary (257), the sweep's tokens a step (128 × 512; --batch_size
 sequences of 512 instead), μ_rec 4 and μ_bwd 2, in the P/R/C layouts 1/2/1 and the sweep's
 (bench/scaling.py); for each, the Transformer with the same unique layers, and Parcae with depths
@@ -46,7 +46,8 @@ train.py compiles. Steps during which torch.compile made a graph are left out of
 counted apart; warmup_s is the time until the last of them ended (steady state from then on). The
 rates are of the steady steps of the second half, and count useful FLOPs only: each step's from the
 depths drawn for it, Σ over its sequences of model.flops_per_token(loops=T) (work on a sequence that
-has left the loop would not count), counted after the timed steps.
+has left the loop would not count), counted after the timed steps. --profile also profiles 2 steady
+steps of each (profiles/small_*.txt): how much of a step the GPU was busy, and with what.
 """
 
 import argparse
@@ -164,26 +165,36 @@ def time_training(model, batch_size, accum, steps, warmup, profile_to=None, acti
               "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
               "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
     if profile_to:
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / 2
-        table, gpu = prof.key_averages(), gpu_timeline(prof)
-        busy, kernels = gpu["busy_s"] / 2, gpu["kernel_s"] / 2
-        result["gpu_busy_frac"] = busy / wall
-        result["gpu_ms_by_family"] = {k: 1000 * v / 2 for k, v in gpu["by_family_s"].items()}
-        by_time = sorted(result["gpu_ms_by_family"].items(), key=lambda kv: -kv[1])
-        families = ", ".join(f"{family} {ms:.1f}" for family, ms in by_time)
-        os.makedirs(os.path.dirname(profile_to), exist_ok=True)
-        with open(profile_to, "w") as f:
-            f.write(f"step {1000 * wall:.1f} ms under the profiler; GPU kernels {1000 * kernels:.1f} ms ({families}); "
-                    f"at least one running {1000 * busy:.1f} ms ({100 * busy / wall:.0f} % busy)\n\n")
-            f.write(table.table(sort_by="device_time_total", row_limit=40))
-            f.write("\n\nby CPU time:\n" + table.table(sort_by="cpu_time_total", row_limit=25))
+        result.update(profile_steps(step, 2, profile_to))
     return result
+
+
+def profile_steps(step, n, path):
+    """Run step() n more times under torch.profiler and write to `path` the table of the most expensive
+    kernels (then of CPU time), headed by how long a step took, its GPU kernels' time by kernel_family, and
+    how long the GPU was busy (gpu_timeline): a busy share well under 1 says the host, not the GPU, sets
+    the pace. Returns, per step: gpu_busy_frac, gpu_ms and gpu_ms_by_family."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        wall = (time.perf_counter() - t0) / n
+    table, gpu = prof.key_averages(), gpu_timeline(prof)
+    busy, kernels = gpu["busy_s"] / n, gpu["kernel_s"] / n
+    by_family = {k: 1000 * v / n for k, v in gpu["by_family_s"].items()}
+    families = ", ".join(f"{family} {ms:.1f}" for family, ms in sorted(by_family.items(), key=lambda kv: -kv[1]))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"step {1000 * wall:.1f} ms under the profiler; GPU kernels {1000 * kernels:.1f} ms ({families}); "
+                f"at least one running {1000 * busy:.1f} ms ({100 * busy / wall:.0f} % busy)\n\n")
+        f.write(table.table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=40))
+        f.write("\n\nby CPU time:\n" + table.table(sort_by="cpu_time_total", row_limit=25))
+    return {"gpu_busy_frac": busy / wall, "gpu_ms": 1000 * busy, "gpu_ms_by_family": by_family}
 
 
 def step_flops(model, depths, seq_len):
@@ -201,12 +212,13 @@ def graphs_compiled():
     return counters["stats"]["unique_graphs"] + counters["aot_autograd"]["total"]
 
 
-def time_steady(model, batch_size, steps, device, compiled=True):
+def time_steady(model, batch_size, steps, device, compiled=True, profile_to=None):
     """Train `steps` steps on random tokens as train.py does (bf16 autocast on a GPU, clip, one host sync
     for the finiteness check, Muon + AdamW), drawing the depths here with the model's own sampler so that
     each step's useful FLOPs are known. Returns, per step: seconds from one sync to the next, graphs
     compiled during it, and useful FLOPs, counted after the last step: at 75 µs a model.flops_per_token()
-    call on a CPU, counting 128 sequences' inside the timed steps cost a step 10 ms."""
+    call on a CPU, counting 128 sequences' inside the timed steps cost a step 10 ms. With profile_to, 2
+    more steps, in steady state, under the profiler: `profile`, profile_steps's figures."""
     c = model.config
     if compiled:
         train.compile_model(model)
@@ -220,7 +232,8 @@ def time_steady(model, batch_size, steps, device, compiled=True):
     model.train()
     times, compiles, drawn = [], [], []
     graphs, last = graphs_compiled(), time.perf_counter()
-    for _ in range(steps):
+
+    def step():
         depths = model.sample_depths(batch_size) if c.looped else None     # the Transformer ignores depths
         with autocast:
             _, loss = model(x, y, depths=depths)
@@ -230,13 +243,18 @@ def time_steady(model, batch_size, steps, device, compiled=True):
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        return depths
+
+    for _ in range(steps):
+        depths = step()
         now, n = time.perf_counter(), graphs_compiled()
         times.append(now - last)
         compiles.append(n - graphs)
         drawn.append(depths)
         last, graphs = now, n
     flops = [step_flops(model, d.tolist() if c.looped else [1] * batch_size, c.block_size) for d in drawn]
-    return {"times": times, "compiles": compiles, "flops": flops}
+    return {"times": times, "compiles": compiles, "flops": flops,
+            **({"profile": profile_steps(step, 2, profile_to)} if profile_to else {})}
 
 
 def steady_state(steps, tokens_per_step, peak=None):
@@ -271,9 +289,10 @@ def small_models(sweep_layers, shape):
     return out
 
 
-def time_small(steps, device, sweep_layers, batch_size, compiled=True, save=lambda results: None,
+def time_small(steps, device, sweep_layers, batch_size, compiled=True, save=lambda results: None, profiles=None,
                **shape):
-    """throughput_small's results: every small model's steady-state training rate (see the docstring).
+    """throughput_small's results: every small model's steady-state training rate (see the docstring),
+    and with `profiles` (a folder) each model's profile_steps table there, its figures in its run.
     batch_size and shape (GPTConfig fields) replace SMALL's for a test on the CPU."""
     peak = train.peak_flops(device) if device.type == "cuda" else None
     shape = {**SMALL, **shape}
@@ -284,8 +303,11 @@ def time_small(steps, device, sweep_layers, batch_size, compiled=True, save=lamb
             model = GPT(config)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = steady_state(time_steady(model, batch_size, steps, device, compiled), batch_size * config.block_size,
-                         peak)
+        depths = {None: "", True: "_per_sequence", False: "_per_step"}[fields["per_sequence_depths"]]
+        name = f"small_{config.n_prelude}{config.n_core}{config.n_coda}_d{config.n_embd}_{fields['model']}{depths}"
+        timed = time_steady(model, batch_size, steps, device, compiled,
+                            profile_to=os.path.join(profiles, name + ".txt") if profiles else None)
+        r = {**steady_state(timed, batch_size * config.block_size, peak), **timed.get("profile", {})}
         results["runs"].append({**fields, "d_model": config.n_embd,
                                 "layers": [config.n_prelude, config.n_core, config.n_coda],
                                 "params": model.num_params(), **r,
@@ -303,12 +325,14 @@ def machine(device):
 
 
 def small_markdown(results):
+    profiled = [r for r in results["runs"] if "gpu_busy_frac" in r]
     lines = [f"Steady-state training of the scaling sweep's small models on one {results['gpu']} (torch "
              f"{results['torch']}, commit {results['commit']}): vocab {results['vocab_size']}, "
              f"{results['batch_size']} × {results['block_size']} tokens a step, μ_rec {results['mean_loops']}, "
              f"μ_bwd {results['backprop_loops']}, {'compiled' if results['compiled'] else 'not compiled'}; "
              f"{results['steps']} steps, rates over the steady steps of the second half (steps that compiled "
-             "left out), useful FLOPs only. Made by `python bench/throughput.py --small`.", "",
+             "left out), useful FLOPs only. Made by `python bench/throughput.py --small"
+             f"{' --profile' if profiled else ''}`.", "",
              "| P/R/C | d | model | depths | tokens/s | step (ms) | MFU | MFU / Transformer's | warm-up (s) "
              "| steps that compiled (late) |", "|---|---|---|---|---|---|---|---|---|---|"]
     gpt = {(tuple(r["layers"]), r["d_model"]): r for r in results["runs"] if r["model"] == "gpt"}
@@ -320,6 +344,14 @@ def small_markdown(results):
         lines.append(f"| {'/'.join(map(str, r['layers']))} | {r['d_model']} | {r['model']} | {depths} | "
                      f"{r['tokens_per_sec']:,.0f} | {r['step_ms']:.1f} | {mfu} | {ratio} | "
                      f"{r['warmup_s']:.1f} | {r['compile_steps']} ({r['late_compile_steps']}) |")
+    if profiled:
+        lines += ["", "Under the profiler, 2 steady steps each (profiles/small_*.txt): the share of a step in which "
+                  "the GPU ran a kernel, and the GPU time of each kind of kernel, per step."]
+    for r in profiled:
+        depths = {None: "", True: ", per sequence", False: ", per step"}[r["per_sequence_depths"]]
+        kinds = ", ".join(f"{k} {ms:.1f}" for k, ms in sorted(r["gpu_ms_by_family"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"- {'/'.join(map(str, r['layers']))} {r['model']}{depths}: GPU busy "
+                     f"{100 * r['gpu_busy_frac']:.0f} % ({r['gpu_ms']:.1f} ms a step; {kinds or 'no GPU kernels'})")
     return "\n".join(lines) + "\n"
 
 
@@ -646,7 +678,8 @@ def main():
                                                      small_markdown)
         sweep = scaling.SCALING["small"]
         results = time_small(args.steps, torch.device("cuda"), sweep["layers"], args.batch_size or
-                             sweep["train"]["batch_size"], save=write)
+                             sweep["train"]["batch_size"], save=write,
+                             profiles=os.path.join(os.path.dirname(args.out), "profiles") if args.profile else None)
         print(small_markdown(results))
         return
     if args.decode_ops_only:

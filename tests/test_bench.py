@@ -589,6 +589,24 @@ def test_the_small_throughput_mode_writes_a_run_per_model_and_layout(tmp_path):
     assert table.count("| 1/2/1 | 32 |") == 3 and "per sequence" in table and "per step" in table
 
 
+def test_the_small_throughput_mode_profiles_each_model_when_asked(tmp_path):
+    """--small --profile on the CPU: a table per model, and its figures in its run (a CPU runs no kernels:
+    the GPU was busy 0 % of a step) and in the markdown."""
+    results = throughput.time_small(2, torch.device("cpu"), (1, 1, 1), 2, compiled=False,
+                                    profiles=str(tmp_path / "profiles"), block_size=16, n_embd=32, n_head=2,
+                                    vocab_size=97)
+    names = sorted(p.name for p in (tmp_path / "profiles").iterdir())
+    assert names == sorted(f"small_{layers}_d32_{model}.txt" for layers in ("121", "111")
+                           for model in ("gpt", "parcae_per_sequence", "parcae_per_step"))
+    for r in results["runs"]:
+        assert r["gpu_busy_frac"] == 0.0 and r["gpu_ms"] == 0.0 and r["gpu_ms_by_family"] == {}
+    text = (tmp_path / "profiles" / "small_111_d32_parcae_per_sequence.txt").read_text()
+    assert text.startswith("step ") and "(0 % busy)" in text and "aten::scaled_dot_product_attention" in text
+    table = throughput.small_markdown(results)
+    assert "`python bench/throughput.py --small --profile`" in table
+    assert "- 1/1/1 parcae, per sequence: GPU busy 0 % (0.0 ms a step; no GPU kernels)" in table
+
+
 def test_the_decoding_profile_writes_a_table_of_one_prefill_and_the_new_tokens(tmp_path):
     from conftest import tiny
     path = tmp_path / "profiles" / "generate.txt"
