@@ -13,13 +13,14 @@ that skipping finished sequences can gain (`--flops_ratio_only` prints just the 
 machine); the peak memory at mean_loops 8 and 32 with backprop_loops 4; and generation with
 the KV cache at 1, 8 and 16 loops as sample.py decodes (bf16 linear weights, each step replayed
 as a CUDA graph; decoding steps only, the prefill and the graphs' recording and compiling left
-out: common.decoding_rate), with and without compiling (sample.py --compile), and at 16 loops also
+out: common.decoding_rate), with and without compiling (sample.py --compile), with kernels.py's fused
+kernels (sample.py --fused; check_fused compares its greedy tokens and logits), and at 16 loops also
 launched op by op, compiled as train.py compiles (cuBLAS's one-token matmuls), with the one-token
 reductions but each block its own graph, and compiled with the fp32 weights; each decoding figure
 also as a share of the bandwidth bound, the tokens/s at which the GPU's memory bandwidth would just
 read what a decoding step must (decode_bytes). --profile adds a torch.profiler table per model (its
 most expensive kernels, and how much of the step the GPU was busy, from the profiler's trace), and
-two of decoding at 16 loops, with and without compiling.
+three of decoding at 16 loops: plain, fused and compiled.
 `--layouts_only` times just one token's matmuls by row-major and column-major bf16 weights,
 the layout sample.bf16_weights chooses; `--decode_ops_only` one token's matmuls and attention by
 cuBLAS and each SDPA backend and as compiled reductions (time_decode_ops); `--cache_modes_only`
@@ -51,6 +52,7 @@ steps of each (profiles/small_*.txt): how much of a step the GPU was busy, and w
 """
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -70,7 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, KVCache  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -589,6 +591,31 @@ def time_generation(model, loops, batch_size, cuda_graph=True, prompt_len=128, t
             "extra_mem_gb": (torch.cuda.max_memory_allocated() - base) / 1e9}
 
 
+def check_fused(model, loops, new_tokens=64, prompt_len=128):
+    """Does sample.py --fused decode what plain decoding does, in bf16 on a GPU? On a copy of `model` whose
+    matrices are all random (an initialised model's out-projections are zero: its blocks would add nothing),
+    greedy tokens with and without the fused kernels after one random prompt, and the logits of both along
+    the first one's tokens, through a cache each: how many tokens agree before the first that differs (a
+    bf16 rounding may tip a near tie), and the largest logit difference relative to the largest logit."""
+    import kernels
+    plain = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if p.dim() == 2 and "value_embed" not in name and "wte" not in name:
+                p.add_(plain.state_sigma * torch.randn_like(p))
+    fused = kernels.fuse_for_decoding(copy.deepcopy(plain))
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+        tokens = [sample.generate(m, prompt, new_tokens, loops=loops, top_k=1)[0, prompt_len:]
+                  for m in (plain, fused)]
+        sequence = torch.cat([prompt[0], tokens[0]])[None]
+        logits = [m.decode(sequence, KVCache(m, 1, loops=loops), loops=loops).float() for m in (plain, fused)]
+    same = (tokens[0] == tokens[1]).long().cumprod(0).sum().item()
+    return {"loops": loops, "new_tokens": new_tokens, "same_tokens_before_first_difference": same,
+            "max_logit_difference": (logits[0] - logits[1]).abs().max().item() / logits[0].abs().max().item()}
+
+
 def profile_decoding(model, loops, path, new_tokens=16):
     """A torch.profiler table of decoding steps at batch 1, each kernel launched from Python so that
     the profiler sees them one by one (a CUDA graph replays the same kernels): which kernels a new
@@ -768,6 +795,16 @@ def main():
             measure(model, 16, batch_size, graph=False, compiled=False)
         if args.profile:
             profile_decoding(model, 16, os.path.join(profiles, "generate_loops16.txt"))
+        # sample.py --fused: the same, with kernels.py's kernels; and whether it decodes the same tokens
+        import kernels
+        results["fused_check"] = check_fused(model, loops=16)
+        fused = kernels.fuse_for_decoding(copy.deepcopy(model))
+        for loops in (1, 8, 16):
+            for batch_size in (1, 8):
+                measure(fused, loops, batch_size, graph=True, compiled=False, matmuls="fused")
+        if args.profile:
+            profile_decoding(fused, 16, os.path.join(profiles, "generate_loops16_fused.txt"))
+        del fused
         sample.compile_for_decoding(model)     # last, as sample.py --compile does, inside the same graph
         for loops in (1, 8, 16):
             for batch_size in (1, 8):
@@ -893,12 +930,19 @@ def markdown(results):
             mode = ("CUDA graph" if g["cuda_graph"] else "eager") + (", compiled" if g.get("compiled") else "")
             mode += {"reductions": " (one-token matmuls as reductions, one graph per core iteration)",
                      "cuBLAS": " (cuBLAS matmuls)",
-                     "reductions per block": " (reductions, each block its own graph)"}.get(g.get("matmuls"), "")
+                     "reductions per block": " (reductions, each block its own graph)",
+                     "fused": ", fused kernels (sample.py --fused)"}.get(g.get("matmuls"), "")
             mode += ", shared cache" if g.get("kv_cache") == "shared" else ""
             read = f"{g['step_gb']:.2f}" if "step_gb" in g else "–"
             lines.append(f"| {g['loops']} | {g['batch_size']} | {mode} | {g.get('weights', 'float32')} | "
                          f"{g['new_tokens_per_sec']:,.0f} | {share(g)} | {read} | "
                          f"{g['ms_per_token']:.1f} | {g['kv_cache_gb']:.2f} | {g['peak_mem_gb']:.1f} |")
+        if results.get("fused_check"):
+            f = results["fused_check"]
+            lines += ["", f"sample.py --fused against plain decoding, at {f['loops']} loops, on the model with random "
+                          f"matrices (check_fused): {f['same_tokens_before_first_difference']} of {f['new_tokens']} "
+                          f"greedy tokens the same before the first that differs; logits along them within "
+                          f"{f['max_logit_difference']:.1e} of the largest."]
     if results.get("large"):
         lines += ["" if lines else f"On {machine}.", "",
                   f"Training as each of {GPUS} GPUs runs the configs' recipe: the config's micro-batch, "
